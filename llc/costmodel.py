@@ -1,0 +1,173 @@
+"""The cost model shared by the MIP, the brute-force check, the baselines and the report.
+
+One place computes what a split costs, so the MIP's objective, the exhaustive
+search that checks it, and the even/memory-proportional baselines in the
+benchmark are all measured with the same ruler.
+
+Per token (decode) latency of one request is every stage's compute plus every
+hop between consecutive stages plus the return of the sampled token from the
+tail to the head. A hop costs the link latency plus the bytes crossing that cut
+over the link bandwidth (skip tensors are charged to every cut they cross,
+which over-estimates slightly and keeps the model linear). Throughput with many
+requests in flight is bound by the slowest stage or hop (the bottleneck).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from llc.ir import Block
+from llc.profile import Device, Profile, Workload
+
+MIB = 1 << 20
+TOKEN_BYTES = 8  # the sampled token id travelling back to the head
+EPS = 1e-3  # weight of latency in the throughput objective (a tie-breaker)
+TIE = 1e-7  # ms per device index: among equal plans prefer profile order
+
+
+@dataclass(frozen=True)
+class CostTables:
+    devices: tuple[Device, ...]
+    labels: tuple[str, ...]
+    t_decode: tuple[tuple[float, ...], ...]  # [block][device] ms
+    t_prefill: tuple[tuple[float, ...], ...]
+    mem: tuple[int, ...]  # [block] bytes resident: weights + KV cache for all requests in flight
+    workspace: tuple[int, ...]  # [block] bytes of transient activations
+    cut_decode: tuple[int, ...]  # [block] bytes crossing the cut after the block
+    cut_prefill: tuple[int, ...]
+    capacity: tuple[float, ...]  # [device] bytes available for mem + workspace
+    latency_ms: tuple[tuple[float, ...], ...]  # [device][device]
+    ms_per_byte: tuple[tuple[float, ...], ...]
+    overhead_bytes: float
+    safety: float
+    objective: str
+    stages: int | None = None  # exactly this many stages, when set
+
+    def hop(self, a: int, b: int, nbytes: float) -> float:
+        if a == b:
+            return 0.0
+        return self.latency_ms[a][b] + nbytes * self.ms_per_byte[a][b]
+
+
+def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> CostTables:
+    devs = profile.devices
+    overhead = workload.runtime_overhead_mb * MIB
+    lat = tuple(tuple(profile.network.link(a.name, b.name).latency_ms for b in devs) for a in devs)
+    mpb = tuple(tuple(0.0 if a.name == b.name else
+                      8e-3 / profile.network.link(a.name, b.name).bandwidth_mbps for b in devs)
+                for a in devs)
+    return CostTables(
+        devices=devs,
+        labels=tuple(b.label for b in blocks),
+        t_decode=tuple(tuple(b.flops_decode / (d.gflops * 1e6) for d in devs) for b in blocks),
+        t_prefill=tuple(tuple(b.flops_prefill / (d.gflops * 1e6) for d in devs) for b in blocks),
+        mem=tuple(b.weight_bytes + b.kv_bytes * workload.requests_in_flight for b in blocks),
+        workspace=tuple(b.workspace_bytes for b in blocks),
+        cut_decode=tuple(b.cut_bytes_decode for b in blocks),
+        cut_prefill=tuple(b.cut_bytes_prefill for b in blocks),
+        capacity=tuple(d.memory_mb * MIB / workload.memory_safety - overhead for d in devs),
+        latency_ms=lat,
+        ms_per_byte=mpb,
+        overhead_bytes=overhead,
+        safety=workload.memory_safety,
+        objective=workload.objective,
+        stages=workload.stages,
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """Stages as (device index, first block, last block), in pipeline order."""
+
+    stages: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class SplitCost:
+    compute_decode: tuple[float, ...]
+    compute_prefill: tuple[float, ...]
+    hop_decode: tuple[float, ...]  # hop k: stage k -> k+1; the last: tail -> head
+    hop_prefill: tuple[float, ...]
+    need_bytes: tuple[float, ...]  # resident + workspace + runtime overhead, before safety
+    decode_ms: float
+    prefill_ms: float
+    bottleneck_ms: float
+    feasible: bool
+
+    def objective(self, kind: str) -> float:
+        if kind == "throughput":
+            return self.bottleneck_ms + EPS * self.decode_ms
+        return self.decode_ms
+
+
+def evaluate(t: CostTables, split: Split) -> SplitCost:
+    cd, cp, hd, hp, need = [], [], [], [], []
+    feasible = True
+    st = split.stages
+    for k, (d, first, last) in enumerate(st):
+        blocks = range(first, last + 1)
+        cd.append(sum(t.t_decode[b][d] for b in blocks))
+        cp.append(sum(t.t_prefill[b][d] for b in blocks))
+        resident = sum(t.mem[b] for b in blocks) + max(t.workspace[b] for b in blocks)
+        feasible &= resident <= t.capacity[d] + 1e-6
+        need.append(resident + t.overhead_bytes)
+        if k + 1 < len(st):
+            nxt = st[k + 1][0]
+            hd.append(t.hop(d, nxt, t.cut_decode[last]))
+            hp.append(t.hop(d, nxt, t.cut_prefill[last]))
+        elif len(st) > 1:
+            hd.append(t.hop(d, st[0][0], TOKEN_BYTES))
+            hp.append(t.hop(d, st[0][0], TOKEN_BYTES))
+        else:
+            hd.append(0.0)
+            hp.append(0.0)
+    bottleneck = max(cd + hd[:-1] or [0.0])
+    return SplitCost(tuple(cd), tuple(cp), tuple(hd), tuple(hp), tuple(need),
+                     decode_ms=sum(cd) + sum(hd), prefill_ms=sum(cp) + sum(hp),
+                     bottleneck_ms=bottleneck, feasible=feasible)
+
+
+def brute_force(t: CostTables, max_stages: int | None = None) -> tuple[Split | None, float]:
+    """Every ordered choice of devices and every contiguous split: the exact optimum.
+
+    Exponential; for checking the MIP on small instances only.
+    """
+    nb, nd = len(t.mem), len(t.devices)
+    best, best_val = None, float("inf")
+    for k in range(1, min(nd, nb, max_stages or nd) + 1):
+        if t.stages is not None and k != t.stages:
+            continue
+        for order in itertools.permutations(range(nd), k):
+            for cuts in itertools.combinations(range(1, nb), k - 1):
+                bounds = (0,) + cuts + (nb,)
+                split = Split(tuple((order[i], bounds[i], bounds[i + 1] - 1) for i in range(k)))
+                cost = evaluate(t, split)
+                if cost.feasible and cost.objective(t.objective) < best_val - 1e-12:
+                    best, best_val = split, cost.objective(t.objective)
+    return best, best_val
+
+
+def even_split(t: CostTables, order: list[int]) -> Split:
+    """Baseline other tools use: the same number of blocks on every device."""
+    nb, k = len(t.mem), min(len(order), len(t.mem))
+    bounds = [round(i * nb / k) for i in range(k + 1)]
+    return Split(tuple((order[i], bounds[i], bounds[i + 1] - 1) for i in range(k)))
+
+
+def memory_proportional_split(t: CostTables, order: list[int]) -> Split:
+    """Baseline: blocks in proportion to each device's memory (greedy on cumulative bytes)."""
+    nb = len(t.mem)
+    k = min(len(order), nb)
+    caps = [max(t.capacity[d], 1.0) for d in order[:k]]
+    total_mem, total_cap = float(sum(t.mem)), sum(caps)
+    bounds, acc, target = [0], 0.0, 0.0
+    for i in range(k - 1):
+        target += caps[i] / total_cap * total_mem
+        b = bounds[-1]
+        while b < nb - (k - 1 - i) and (acc + t.mem[b] <= target or b == bounds[-1]):
+            acc += t.mem[b]
+            b += 1
+        bounds.append(b)
+    bounds.append(nb)
+    return Split(tuple((order[i], bounds[i], bounds[i + 1] - 1) for i in range(k)))

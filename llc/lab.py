@@ -1,0 +1,542 @@
+"""Phone lab: emulated Android phones built from Google's real `adbd` on Linux.
+
+Why: `llc deploy` talks to phones with the stock `adb` client, and tests and
+users without phones still need something that behaves like one. Debian's
+`adbd` (bookworm-backports) is the same daemon phones run; started in its own
+network namespace it is a "phone" that `adb connect/push/shell` accept.
+
+Per phone the lab makes:
+  - a network namespace `<name>-<phone>` with `eth0` at <subnet>.(10+i) for
+    phone i = 1..N (phone1 is 10.77.0.11), wired by a veth pair to the host
+    bridge `<name>br0` (<subnet>.1), so phones reach the host and each other;
+  - a tbf rate limit on both ends of that veth (host side shapes host->phone,
+    phone side shapes phone->anything); netem is not in this kernel;
+  - a cgroup v1 CPU quota `/sys/fs/cgroup/cpu/<name>-lab/<phone>` (period
+    100000 us), joined before adbd starts so everything `adb shell` runs is
+    throttled too;
+  - a private mount namespace in which a per-phone folder is bind-mounted on
+    /data/local/tmp, the folder phones let `adb push` write to.
+
+The lab uses its own adb server port so it never touches a user's adb server.
+Needs root, `adb`, `adbd` and iproute2 (scripts/install-lab-deps.sh).
+
+CLI (`python -m llc.lab ...`, or `llc lab ...` once registered):
+    up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --state-dir /tmp/llc-lab
+    status --state-dir /tmp/llc-lab
+    down --state-dir /tmp/llc-lab
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+ADBD = "/usr/lib/android-sdk/platform-tools/adbd"
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 100_000
+ADBD_PORT = 5555
+DEVICE_TMP = Path("/data/local/tmp")  # what phones expose to `adb push`
+DEFAULT_STATE_DIR = "/tmp/llc-lab"
+DEFAULT_ADB_PORT = 5137  # not 5037: never share the user's adb server
+
+# The script run (via `unshare --mount --uts`) in front of adbd. It joins the
+# cgroup first, so adbd and every process it spawns are throttled; then
+# bind-mounts the phone's folder on /data/local/tmp inside the private mount
+# namespace and names the host after the phone (logs say which phone); then
+# enters the network namespace and execs adbd. Arguments, not string
+# formatting, carry the paths.
+_LAUNCH = r"""
+set -e
+echo $$ > "$1"
+mount --bind "$2" /data/local/tmp
+hostname "$4"
+cd /
+netns=$3
+shift 4
+exec nsenter --net="$netns" "$@"
+"""
+
+
+class LabError(RuntimeError):
+    """A lab step failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class PhoneSpec:
+    """What one emulated phone should look like."""
+
+    name: str | None = None  # default: phone<i>, i = 1..N
+    cpu: float = 1.0  # cores (cfs quota / period); 0.25 = a quarter of a core
+    rate: str = "100mbit"  # tc rate of its link, each direction
+
+
+@dataclass
+class Phone:
+    """A running emulated phone, as `adb` and the tests see it."""
+
+    name: str
+    index: int
+    address: str
+    serial: str  # host:port, what `adb -s` takes
+    cpu: float
+    cpu_quota_us: int
+    rate: str
+    rate_bps: int
+    netns: str
+    veth: str  # host side of its link
+    cgroup: str
+    data_dir: str  # host folder that is /data/local/tmp on the phone
+    pid: int  # the launcher pid, which execs into adbd
+
+
+def parse_rate(rate: str) -> int:
+    """tc rate string (e.g. '200mbit', '5mbps', '1gbit') -> bits per second."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(bit|bps)?\s*", rate.lower())
+    if not m:
+        raise LabError(f"bad rate {rate!r}: use tc syntax like 200mbit or 20mbit")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2)]
+    if m.group(3) == "bps":  # tc: bps means bytes per second
+        value *= 8
+    if value <= 0:
+        raise LabError(f"bad rate {rate!r}: must be positive")
+    return int(value)
+
+
+def _run(args: list[str], timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with a timeout and an error that shows the command and its stderr."""
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"timed out after {timeout}s: {' '.join(args)}") from e
+    if check and proc.returncode != 0:
+        raise LabError(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr.strip()}")
+    return proc
+
+
+def _pids_of_cgroup(cgroup: Path) -> set[int]:
+    try:
+        return {int(p) for p in (cgroup / "cgroup.procs").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _pids_of_netns(netns: str) -> set[int]:
+    proc = _run(["ip", "netns", "pids", netns], check=False, timeout=10)
+    return {int(p) for p in proc.stdout.split()} if proc.returncode == 0 else set()
+
+
+def _alive(pid: int) -> bool:
+    """True if pid runs and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _kill_all(pids: set[int], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still there after `timeout`."""
+    all_pids = set(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in list(pids):  # reap our own children so they do not linger as zombies
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            pids = {p for p in pids if _alive(p)}
+            if not pids:
+                break
+            time.sleep(0.05)
+        if not pids:
+            break
+    if pids:
+        raise LabError(f"processes survived SIGKILL: {sorted(pids)}")
+    # Dead processes whose parent has exited (the CLI's `up`) are reaped by
+    # init, which here takes about a second; wait so callers see none left.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in all_pids):
+        time.sleep(0.05)
+
+
+class Lab:
+    """A set of emulated phones sharing one bridge, one cgroup and one adb server.
+
+    `name` prefixes every kernel object (bridge `<name>br0`, namespaces
+    `<name>-<phone>`, veths `<name><i>h`, cgroup `<name>-lab`), so the tests can
+    run a lab of their own next to a user's.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike = DEFAULT_STATE_DIR,
+        adb_port: int = DEFAULT_ADB_PORT,
+        name: str = "llc",
+        subnet: str = "10.77.0",
+    ):
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", name):
+            raise LabError(f"lab name {name!r}: 1-8 lowercase letters/digits (it ends up in interface names)")
+        if not re.fullmatch(r"\d{1,3}\.\d{1,3}\.\d{1,3}", subnet):
+            raise LabError(f"subnet {subnet!r}: give the first three octets, e.g. 10.77.0")
+        self.state_dir = Path(state_dir)
+        self.adb_port = int(adb_port)
+        self.name = name
+        self.subnet = subnet
+        self.bridge = f"{name}br0"
+        self.cgroup = CGROUP_CPU / f"{name}-lab"
+        self.phones: list[Phone] = []
+
+    # ---- adb -------------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for running `adb` against this lab's private server."""
+        return {**os.environ, "ADB_SERVER_SOCKET": f"tcp:localhost:{self.adb_port}"}
+
+    def adb(self, *args: str, serial: str | None = None, timeout: float = 60, check: bool = True):
+        """Run `adb -P <lab port> [-s serial] args...`; returns the CompletedProcess."""
+        cmd = ["adb", "-P", str(self.adb_port)] + (["-s", serial] if serial else []) + list(args)
+        return _run(cmd, timeout=timeout, check=check)
+
+    # ---- up --------------------------------------------------------------
+
+    def up(self, specs: list[PhoneSpec]) -> list[Phone]:
+        """Bring up one phone per spec, connect each to the lab's adb server."""
+        _preflight()
+        if not specs or len(specs) > 200:
+            raise LabError("give 1..200 phones")
+        if Path(f"/sys/class/net/{self.bridge}").exists():
+            raise LabError(f"bridge {self.bridge} exists: a lab is up already (run `llc lab down` first)")
+        names = [s.name or f"phone{i}" for i, s in enumerate(specs, 1)]
+        if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", n) for n in names):
+            raise LabError(f"phone names must be unique, 1-32 of [A-Za-z0-9_.-]: {names}")
+        for s in specs:
+            if not 0 < s.cpu <= os.cpu_count() * 4:
+                raise LabError(f"cpu {s.cpu}: must be > 0 (cores)")
+            parse_rate(s.rate)
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.phones = []
+        try:
+            self._make_shared()
+            for i, (spec, name) in enumerate(zip(specs, names), 1):
+                self.phones.append(self._make_phone(i, name, spec))
+                self._save()
+            self.adb("start-server", timeout=30)
+            for phone in self.phones:
+                self._connect(phone)
+        except BaseException:
+            self.down()
+            raise
+        self._save()
+        return self.phones
+
+    def _make_shared(self) -> None:
+        """Bridge with the host's address, the parent cgroup, the /data/local/tmp mount point."""
+        _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        _run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
+        _run(["ip", "link", "set", self.bridge, "up"])
+        self.cgroup.mkdir(exist_ok=True)
+        # The bind mount needs a mount point on the host's file system; an empty
+        # folder there is harmless, and `down` removes it again if we made it.
+        if not DEVICE_TMP.exists():
+            DEVICE_TMP.mkdir(parents=True)
+            (self.state_dir / "made-data-dir").write_text(str(DEVICE_TMP))
+
+    def _make_phone(self, i: int, name: str, spec: PhoneSpec) -> Phone:
+        netns = f"{self.name}-{name}"
+        veth, peer = f"{self.name}{i}h", f"{self.name}{i}p"
+        address = f"{self.subnet}.{10 + i}"
+        rate_bps = parse_rate(spec.rate)
+        # burst: at least 10 ms of traffic (or 32 KB) so tbf can reach its rate at HZ timer granularity
+        burst = str(max(32 * 1024, rate_bps // 8 // 100))
+        tbf = ["tbf", "rate", str(rate_bps), "burst", burst, "latency", "50ms"]
+
+        _run(["ip", "netns", "add", netns])
+        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", netns])
+        _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
+        _run(["ip", "-n", netns, "link", "set", "lo", "up"])
+        _run(["ip", "-n", netns, "link", "set", peer, "name", "eth0"])
+        _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0"])
+        _run(["ip", "-n", netns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", netns, "route", "add", "default", "via", f"{self.subnet}.1"])
+        _run(["tc", "qdisc", "add", "dev", veth, "root"] + tbf)  # host -> phone
+        _run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "eth0", "root"] + tbf)  # phone -> out
+
+        cgroup = self.cgroup / name
+        cgroup.mkdir(exist_ok=True)
+        quota = max(1000, round(spec.cpu * CFS_PERIOD_US))
+        (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (cgroup / "cpu.cfs_quota_us").write_text(str(quota))
+
+        phone_dir = self.state_dir / name
+        data_dir = phone_dir / "data-local-tmp"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        pid = self._start_adbd(name, address, cgroup, data_dir, netns, phone_dir / "adbd.log")
+        return Phone(
+            name=name, index=i, address=address, serial=f"{address}:{ADBD_PORT}",
+            cpu=spec.cpu, cpu_quota_us=quota, rate=spec.rate, rate_bps=rate_bps,
+            netns=netns, veth=veth, cgroup=str(cgroup), data_dir=str(data_dir), pid=pid,
+        )
+
+    def _start_adbd(self, name: str, address: str, cgroup: Path, data_dir: Path, netns: str, log: Path) -> int:
+        """Start adbd detached (it outlives `llc lab up`) with a clean, phone-like environment.
+
+        adbd hands its own environment to every `adb shell`, so it gets a small
+        one: PATH starts with this Python's folder (python3 with numpy,
+        onnxruntime, pyzmq), HOME and TMPDIR are /data/local/tmp.
+        """
+        py_bin = os.path.dirname(sys.executable)
+        env = {
+            "PATH": f"{py_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(DEVICE_TMP),
+            "TMPDIR": str(DEVICE_TMP),
+            "LANG": "C.UTF-8",
+            "LLC_LAB_PHONE": name,
+        }
+        args = [
+            "unshare", "--mount", "--uts", "--propagation", "private", "--",
+            "sh", "-c", _LAUNCH, "llc-lab-launch",
+            str(cgroup / "cgroup.procs"), str(data_dir), f"/run/netns/{netns}", name,
+            ADBD,
+        ]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd="/",
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LabError(f"adbd for {name} exited with {proc.returncode}; see {log}")
+            try:
+                socket.create_connection((address, ADBD_PORT), timeout=1).close()
+                return proc.pid
+            except OSError:
+                time.sleep(0.1)
+        proc.kill()
+        raise LabError(f"adbd for {name} did not listen on {address}:{ADBD_PORT} within 15s; see {log}")
+
+    def _connect(self, phone: Phone) -> None:
+        """`adb connect` and wait until the server reports the phone as `device`."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = self.adb("connect", phone.serial, timeout=15, check=False)
+            if "connected to" in out.stdout:
+                state = self.adb("get-state", serial=phone.serial, timeout=10, check=False)
+                if state.stdout.strip() == "device":
+                    return
+            time.sleep(0.3)
+        raise LabError(f"adb could not connect to {phone.name} at {phone.serial}")
+
+    # ---- state -----------------------------------------------------------
+
+    def _save(self) -> None:
+        state = {
+            "name": self.name, "subnet": self.subnet, "bridge": self.bridge,
+            "adb_port": self.adb_port, "adb_server_socket": f"tcp:localhost:{self.adb_port}",
+            "phones": [asdict(p) for p in self.phones],
+        }
+        (self.state_dir / "lab.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> "Lab":
+        """The lab described by `<state_dir>/lab.json` (written by `up`)."""
+        path = Path(state_dir) / "lab.json"
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab at {state_dir} (no lab.json)") from None
+        lab = cls(state_dir, adb_port=state["adb_port"], name=state["name"], subnet=state["subnet"])
+        lab.phones = [Phone(**p) for p in state["phones"]]
+        return lab
+
+    # ---- status / down ---------------------------------------------------
+
+    def status(self) -> list[dict]:
+        """Per phone: is adbd alive, does its namespace exist, what does adb say."""
+        netns = set(_run(["ip", "netns", "list"], timeout=10).stdout.split())
+        rows = []
+        for p in self.phones:
+            state = self.adb("get-state", serial=p.serial, timeout=10, check=False)
+            rows.append({
+                "name": p.name, "serial": p.serial, "cpu": p.cpu, "rate": p.rate,
+                "adbd": "running" if _alive(p.pid) else "gone",
+                "netns": "yes" if p.netns in netns else "no",
+                "adb": state.stdout.strip() or "offline",
+            })
+        return rows
+
+    def down(self) -> None:
+        """Remove everything `up` made: processes, namespaces, veths, bridge, cgroups, adb server.
+
+        Works from the kernel's view (namespace and cgroup names carry the lab's
+        prefix), not only from lab.json, so a half-made or crashed lab goes too.
+        """
+        self.adb("kill-server", timeout=15, check=False)
+        netns_all = _run(["ip", "netns", "list"], timeout=10, check=False).stdout.split()
+        mine = {n for n in netns_all if n.startswith(f"{self.name}-")} | {p.netns for p in self.phones}
+        pids = {p.pid for p in self.phones if _alive(p.pid)}
+        for n in mine:
+            pids |= _pids_of_netns(n)
+        if self.cgroup.is_dir():
+            for sub in self.cgroup.iterdir():
+                if sub.is_dir():
+                    pids |= _pids_of_cgroup(sub)
+        pids.discard(os.getpid())
+        _kill_all(pids)
+
+        for n in mine:
+            _run(["ip", "netns", "del", n], check=False, timeout=10)  # takes the phone-side veth along
+        for link in Path("/sys/class/net").iterdir():  # host-side veths left by a half-made phone
+            if re.fullmatch(rf"{self.name}\d+[hp]", link.name):
+                _run(["ip", "link", "del", link.name], check=False, timeout=10)
+        if Path(f"/sys/class/net/{self.bridge}").exists():
+            _run(["ip", "link", "del", self.bridge], timeout=10)
+        if self.cgroup.is_dir():
+            for sub in self.cgroup.iterdir():
+                if sub.is_dir():
+                    _rmdir_cgroup(sub)
+            _rmdir_cgroup(self.cgroup)
+
+        marker = self.state_dir / "made-data-dir"
+        if marker.exists():
+            for d in (DEVICE_TMP, DEVICE_TMP.parent, DEVICE_TMP.parent.parent):
+                try:
+                    d.rmdir()  # only if empty: never delete anything a user put there
+                except OSError:
+                    break
+            marker.unlink()
+        (self.state_dir / "lab.json").unlink(missing_ok=True)
+        self.phones = []
+
+
+def _rmdir_cgroup(path: Path) -> None:
+    """rmdir a cgroup; the kernel may need a moment after its last task exits."""
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise LabError(f"could not remove cgroup {path} (tasks still in it?)")
+
+
+def _preflight() -> None:
+    """Fail loudly, with the fix, when the lab cannot work here."""
+    if os.geteuid() != 0:
+        raise LabError("the phone lab needs root (namespaces, tc, cgroups)")
+    missing = [t for t in ("adb", "ip", "tc", "unshare", "nsenter") if not shutil.which(t)]
+    if not os.access(ADBD, os.X_OK):
+        missing.append(ADBD)
+    if missing:
+        raise LabError(f"missing {', '.join(missing)}: run scripts/install-lab-deps.sh")
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
+        raise LabError(f"no cgroup v1 cpu controller at {CGROUP_CPU}")
+
+
+# ---- CLI -----------------------------------------------------------------
+
+
+def _split(value: str, n: int, what: str) -> list[str]:
+    """'a,b,c' -> one item per phone; a single value applies to every phone."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if len(items) == 1:
+        return items * n
+    if len(items) != n:
+        raise click.BadParameter(f"give 1 or {n} comma-separated values, got {len(items)}", param_hint=what)
+    return items
+
+
+@click.group("lab")
+def lab() -> None:
+    """Emulated phones (Google's adbd in network namespaces) for `llc deploy` without phones."""
+
+
+_state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True,
+                          type=click.Path(file_okay=False), help="Where lab.json and the phones' folders live.")
+
+
+@lab.command("up")
+@click.option("--phones", "n", type=click.IntRange(1, 200), default=2, show_default=True)
+@click.option("--cpu", default="1", show_default=True, help="Cores per phone, e.g. 1,0.5,0.25.")
+@click.option("--rate", default="100mbit", show_default=True, help="Link rate per phone (tc syntax), e.g. 200mbit,50mbit.")
+@click.option("--names", default=None, help="Phone names, comma-separated (default phone1, phone2, ...).")
+@click.option("--adb-port", default=DEFAULT_ADB_PORT, show_default=True, help="The lab's private adb server port.")
+@click.option("--name", "lab_name", default="llc", show_default=True, help="Prefix of the lab's bridge, namespaces, cgroup.")
+@click.option("--subnet", default="10.77.0", show_default=True, help="First three octets of the lab network.")
+@_state_opt
+def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
+    """Bring up N phones and print where they are (also written to STATE_DIR/lab.json)."""
+    cpus = [float(c) for c in _split(cpu, n, "--cpu")]
+    rates = _split(rate, n, "--rate")
+    name_list = _split(names, n, "--names") if names else [None] * n
+    specs = [PhoneSpec(name=nm, cpu=c, rate=r) for nm, c, r in zip(name_list, cpus, rates)]
+    the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name, subnet=subnet)
+    try:
+        phones = the_lab.up(specs)
+    except LabError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"# lab up: {len(phones)} phones, state in {Path(state_dir) / 'lab.json'}")
+    click.echo(f"# use: export ADB_SERVER_SOCKET=tcp:localhost:{adb_port}   (or adb -P {adb_port})")
+    click.echo("devices:")
+    for p in phones:
+        click.echo(f"  - name: {p.name}\n    target: adb\n    serial: {p.serial}\n    address: {p.address}\n"
+                   f"    cpu: {p.cpu}   # cfs quota {p.cpu_quota_us}/{CFS_PERIOD_US} us\n"
+                   f"    rate: {p.rate}   # tbf, each direction\n    data_dir: {p.data_dir}")
+
+
+@lab.command("status")
+@_state_opt
+def status_cmd(state_dir) -> None:
+    """Show each phone: adbd alive, namespace present, adb state."""
+    try:
+        the_lab = Lab.load(state_dir)
+        rows = the_lab.status()
+    except LabError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"adb server: tcp:localhost:{the_lab.adb_port}")
+    for r in rows:
+        click.echo("  ".join(f"{k}={v}" for k, v in r.items()))
+    if any(r["adbd"] != "running" or r["adb"] != "device" for r in rows):
+        sys.exit(1)
+
+
+@lab.command("down")
+@click.option("--name", "lab_name", default="llc", show_default=True, help="Prefix, used when there is no lab.json.")
+@click.option("--adb-port", default=DEFAULT_ADB_PORT, show_default=True, help="Used when there is no lab.json.")
+@_state_opt
+def down_cmd(lab_name, adb_port, state_dir) -> None:
+    """Remove every phone, namespace, veth, bridge, cgroup and the lab's adb server."""
+    try:
+        try:
+            the_lab = Lab.load(state_dir)
+        except LabError:
+            the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name)
+        the_lab.down()
+    except LabError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo("lab down")
+
+
+if __name__ == "__main__":
+    lab()

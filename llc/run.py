@@ -1,0 +1,168 @@
+"""`llc run BUILD_DIR`: start a build's devices, generate, report timings, stop them.
+
+Exit codes: 0 done; 1 a device died, hung or failed (the message names it);
+2 bad input (missing prompt, build or tokenizer); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from llc.coordinator import BuildInfo, Coordinator, DeviceFailure, RequestResult, SamplingParams, StageStats, TextStream
+from llc.targets.base import Target, TargetError, make_target
+
+
+class BadInput(click.ClickException):
+    exit_code = 2
+
+
+def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give exactly one of --prompt or --prompts FILE")
+    if prompt is not None:
+        return [prompt]
+    lines = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise click.UsageError(f"{prompts_file}: no prompts (one per line)")
+    return lines
+
+
+def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: float) -> dict:
+    """Timings in one dict: printed as text, written as JSON."""
+    tokens = sum(len(r.tokens) for r in results)
+    ttft = [r.ttft_ms for r in results if r.ttft_ms is not None]
+    mspt = [r.ms_per_token for r in results if r.ms_per_token is not None]
+    decode_tokens = sum(max(0, len(r.tokens) - 1) for r in results)
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
+        "ttft_ms_mean": sum(ttft) / len(ttft) if ttft else None,
+        "ms_per_token_mean": sum(mspt) / len(mspt) if mspt else None,
+        "stages": [
+            {"device": s.device, "stage": s.stage, "prefill_ms": s.prefill_ms, "prefill_steps": s.prefill_steps,
+             "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step}
+            for s in stages
+        ],
+        "hops": {
+            f"{s.device}->{peer}": {"bytes": n, "bytes_per_token": n / decode_tokens if decode_tokens else None}
+            for s in stages for peer, n in sorted(s.bytes_sent.items())
+        },
+    }
+
+
+def _print_summary(summary: dict) -> None:
+    def ms(x):
+        return "-" if x is None else f"{x:.1f} ms"
+
+    echo = lambda s: click.echo(s, err=True)  # noqa: E731
+    echo(f"{summary['requests']} request(s), {summary['tokens']} tokens in {summary['wall_s']:.2f} s "
+         f"({summary['tokens_per_s'] or 0:.1f} tok/s); time to first token {ms(summary['ttft_ms_mean'])}, "
+         f"{ms(summary['ms_per_token_mean'])}/token")
+    for s in summary["stages"]:
+        echo(f"  stage {s['stage']} {s['device']}: decode {ms(s['ms_per_decode_step'])}/step "
+             f"({s['decode_steps']} steps), prefill {s['prefill_ms']:.1f} ms total")
+    for hop, h in summary["hops"].items():
+        per = "" if h["bytes_per_token"] is None else f" ({h['bytes_per_token']:.0f} B/token)"
+        echo(f"  {hop}: {h['bytes']} B{per}")
+
+
+@click.command("run")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", help="One prompt; its text is streamed to stdout as it is generated.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file with one prompt per line.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 means greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 means off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--seed", type=int, default=None, help="Makes sampling repeatable (per request).")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Requests kept in flight at once, to fill the pipeline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write texts, tokens and timings here.")
+@click.option("--target", "target_name", default=None, help="How to start the devices (default: from the plan).")
+@click.option("--attach", is_flag=True, help="Devices are already running (e.g. after `llc deploy`): "
+                                             "do not start or stop them.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the devices to start.")
+def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
+        top_k: int, top_p: float, seed: int | None, concurrency: int, json_path: Path | None,
+        target_name: str | None, attach: bool, timeout: float) -> None:
+    """Generate text with the devices of BUILD_DIR (the output of `llc compile`)."""
+    texts = _prompts(prompt, prompts_file)
+    try:
+        build = BuildInfo.load(build_dir)
+    except (OSError, KeyError, ValueError) as e:
+        raise BadInput(f"{build_dir}: not a build directory ({e})") from e
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    names = sorted(set(build.targets.values()))
+    if target_name is None and len(names) > 1:
+        raise click.UsageError(f"the plan mixes targets {names}; pick one with --target")
+    target: Target | None = None if attach else make_target(target_name or names[0])
+
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops every device.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    coord: Coordinator | None = None
+    try:
+        if target is not None:
+            click.echo(f"starting {len(build.devices)} device(s) with target {target.name} ...", err=True)
+            target.start(build_dir, build.names)
+        coord = Coordinator(build_dir, health=target.health if target else None)
+        coord.connect(timeout)
+        tok = coord.tokenizer()
+        prompts = [tok.encode(t).ids for t in texts]
+        streams = [TextStream(tok) for _ in prompts]
+        single = len(prompts) == 1
+
+        def on_token(r: RequestResult, token: int, done: bool) -> None:
+            piece = streams[r.index].push(token)
+            if single:
+                click.echo(piece, nl=done)
+            elif done:
+                click.echo(f"=== [{r.index}] {texts[r.index]}\n{streams[r.index].text}")
+
+        t0 = time.monotonic()
+        results = coord.generate(prompts, params, concurrency, on_token)
+        wall = time.monotonic() - t0
+        for r, s in zip(results, streams):
+            r.text = tok.decode(r.tokens, skip_special_tokens=True)
+        summary = _summary(results, coord.stats(), wall)
+        _print_summary(summary)
+        if json_path:
+            out = {"params": asdict(params), "concurrency": concurrency, "summary": summary,
+                   "results": [{"prompt": texts[r.index], "prompt_ids": r.prompt, "tokens": r.tokens, "text": r.text,
+                                "ttft_ms": r.ttft_ms, "ms_per_token": r.ms_per_token} for r in results]}
+            json_path.write_text(json.dumps(out, indent=2) + "\n")
+        if target is not None:
+            coord.stop_devices()
+    except (DeviceFailure, TargetError) as e:
+        click.echo(f"llc run: {e}", err=True)
+        if target is not None:
+            tail = [line for line in target.logs(e.device).splitlines() if line.strip()][-5:]
+            for line in tail:
+                click.echo(f"  {e.device}| {line}", err=True)
+        sys.exit(1)
+    except FileNotFoundError as e:
+        raise BadInput(str(e)) from e
+    except KeyboardInterrupt:
+        click.echo("llc run: interrupted", err=True)
+        sys.exit(130)
+    finally:
+        if coord is not None:
+            coord.close()
+        if target is not None:
+            target.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,143 @@
+"""annotate-cost: FLOPs, weight, activation and KV-cache bytes for every node.
+
+before: a graph with symbolic dims (batch, sequence, past)
+after:  ``state.costs[i]`` for node i, for two scenarios the partitioner needs:
+        prefill (P prompt tokens, empty cache) and decode (1 token, context C).
+
+Shapes come from onnxruntime's symbolic shape inference (ONNX's own, with data
+propagation, as a fallback) on a weight-free
+copy of the graph whose inputs are pinned to each scenario's sizes; the graph
+itself is not modified. FLOPs: 2*M*N*K for MatMul/Gemm, a few per element for
+everything else (it is the matmuls that matter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx
+from onnx import TensorProto
+
+from llc.ir import CompileState, NodeCost, Signature, TensorInfo, tensor_nbytes, value_infos
+
+BIG_INITIALIZER = 4096  # bytes; smaller ones may hold shape constants shape inference needs
+ELEMENTWISE_FLOPS = {"Softmax": 5, "Erf": 8, "Tanh": 6, "Sigmoid": 4, "Pow": 2, "Sqrt": 2,
+                     "ReduceMean": 1, "LayerNormalization": 8, "SimplifiedLayerNormalization": 6,
+                     "Gelu": 8, "FastGelu": 8, "Exp": 4, "Div": 1, "Cos": 4, "Sin": 4}
+MOVEMENT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Shape", "Concat",
+                "Slice", "Gather", "Expand", "Cast", "Constant", "ConstantOfShape", "Split",
+                "Flatten", "Range", "Size"}
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with large initializers turned into typed graph inputs (no bytes copied)."""
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g = out.graph
+    src = model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    for t in src.initializer:
+        size = len(t.raw_data) if t.HasField("raw_data") else 0
+        external = t.data_location == TensorProto.EXTERNAL
+        if external or size > BIG_INITIALIZER:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    return out
+
+
+def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int) -> dict[str, TensorInfo]:
+    """Concrete shapes of every tensor for batch 1, ``seq`` new tokens and ``past`` cached ones."""
+    m = weightless_copy(model)
+    kv_axis = {b.past: b.seq_axis for b in sig.kv}
+    for inp in m.graph.input:
+        role = sig.input_roles.get(inp.name)
+        if role is None:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        for axis, d in enumerate(dims):
+            if role in ("input_ids", "position_ids"):
+                value = 1 if axis == 0 else seq
+            elif role == "attention_mask":
+                value = 1 if axis == 0 else past + seq
+            elif role == "kv":
+                value = past if axis == kv_axis[inp.name] else (1 if axis == 0 else None)
+            else:
+                value = 1
+            if value is not None and not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = value
+    try:  # onnxruntime's symbolic inference also follows Range/mask arithmetic
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True, guess_output_rank=True)
+    except Exception:  # it gives up on some ops; ONNX's own inference is the fallback
+        inferred = None
+    if inferred is None:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    return value_infos(inferred)
+
+
+def node_flops(node: onnx.NodeProto, shapes: dict[str, TensorInfo]) -> float:
+    out = shapes.get(node.output[0]) if node.output else None
+    numel = 0
+    if out is not None and out.shape is not None and all(isinstance(d, int) for d in out.shape):
+        numel = 1
+        for d in out.shape:
+            numel *= d
+    if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "FusedMatMul"):
+        a = shapes.get(node.input[0])
+        k = a.shape[-1] if a is not None and a.shape and isinstance(a.shape[-1], int) else 0
+        if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+            k = a.shape[0] if a is not None and a.shape and isinstance(a.shape[0], int) else k
+        return 2.0 * numel * k
+    if node.op_type in MOVEMENT_OPS:
+        return 0.0
+    return float(ELEMENTWISE_FLOPS.get(node.op_type, 1) * numel)
+
+
+@dataclass(frozen=True)
+class AnnotateCost:
+    name: ClassVar[str] = "annotate-cost"
+
+    def run(self, state: CompileState) -> CompileState:
+        wl = state.workload
+        sig = state.signature
+        prefill = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0)
+        decode = pinned_shapes(state.model, sig, seq=1, past=wl.max_context - 1)
+        init_bytes = {t.name: tensor_nbytes(TensorInfo(t.name, t.data_type, tuple(t.dims)))
+                      for t in state.model.graph.initializer}
+        kv_outputs = sig.kv_outputs
+        seen_weights: set[str] = set()
+        costs = []
+        unknown = 0
+        for node in state.model.graph.node:
+            weights = [i for i in node.input if i in init_bytes and i not in seen_weights]
+            seen_weights.update(weights)
+            outs = [o for o in node.output if o]
+            if any(prefill.get(o) is None or prefill[o].shape is None for o in outs):
+                unknown += 1
+            costs.append(NodeCost(
+                flops_prefill=node_flops(node, prefill),
+                flops_decode=node_flops(node, decode),
+                weight_bytes=sum(init_bytes[w] for w in weights),
+                act_bytes_prefill=sum(tensor_nbytes(prefill.get(o)) for o in outs),
+                act_bytes_decode=sum(tensor_nbytes(decode.get(o)) for o in outs),
+                kv_bytes=sum(tensor_nbytes(decode.get(o)) for o in outs if o in kv_outputs),
+            ))
+        if unknown:
+            state.notes.append(f"annotate-cost: {unknown} nodes without inferred shapes (costed as 0)")
+        state.costs = costs
+        try:  # symbolic types of every tensor, for segment inputs and outputs
+            symbolic = onnx.shape_inference.infer_shapes(weightless_copy(state.model))
+            state.tensors = {**state.tensors, **value_infos(symbolic)}
+        except Exception as e:
+            state.notes.append(f"annotate-cost: symbolic shape inference failed ({e})")
+        state.shapes = {"prefill": prefill, "decode": decode}
+        return state

@@ -1,0 +1,174 @@
+"""coarsen: group nodes into ordered blocks at legal cut points.
+
+before: a topologically ordered node list with costs
+after:  ``state.blocks``: consecutive node ranges, each a layer (or finer block),
+        plus the embedding before the first layer and the head after the last.
+
+A cut between node i-1 and node i is legal when exactly one *stream* tensor
+crosses it (the residual stream) and no KV-cache input is read on both sides.
+Stream tensors are those computed from the token ids or the KV cache. Tensors
+that only depend on the other inputs (attention mask, positions: rotary tables,
+causal masks) or on shapes are cheap side tensors; they may cross any cut and
+are routed by the comm map straight to the stages that read them. This finds
+transformer layers from their data flow, whatever the exporter named the nodes.
+
+Layers are then read off the blocks: a layer starts at each block that reads a
+KV-cache input and takes the blocks after it (the MLP half); what follows the
+last layer beyond the first layer's pattern is the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+
+from llc.errors import LlcError
+from llc.ir import Block, CompileState, TensorInfo, consumers, node_inputs, tensor_nbytes
+
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def classify_tensors(model: onnx.ModelProto, roles: dict[str, str]) -> dict[str, str]:
+    """stream | side | shape | const for every tensor (see module docstring)."""
+    g = model.graph
+    cls: dict[str, str] = {t.name: "const" for t in g.initializer}
+    for inp in g.input:
+        if inp.name in roles:
+            cls[inp.name] = "stream" if roles[inp.name] in ("input_ids", "kv") else "side"
+    rank = {"const": 0, "shape": 1, "side": 2, "stream": 3}
+    for n in g.node:
+        ins = [cls.get(i, "const") for i in node_inputs(n)]
+        if n.op_type in SHAPE_OPS:
+            c = "shape" if any(x != "const" for x in ins) else "const"
+        else:
+            c = max(ins, key=rank.__getitem__, default="const")
+        for o in n.output:
+            if o:
+                cls[o] = c
+    return cls
+
+
+def legal_cuts(model: onnx.ModelProto, cls: dict[str, str], kv_inputs: set[str]) -> list[int]:
+    """Positions i (cut before node i) where one stream tensor crosses and no KV input straddles."""
+    g = model.graph
+    n = len(g.node)
+    cons = consumers(g)
+    delta = np.zeros(n + 2, dtype=np.int64)
+    kv_block = np.zeros(n + 2, dtype=np.int64)
+    for i, node in enumerate(g.node):
+        for o in node.output:
+            if o and cls.get(o) == "stream" and o in cons:
+                last = max(cons[o])
+                if last > i:  # crosses cuts i+1 .. last
+                    delta[i + 1] += 1
+                    delta[last + 1] -= 1
+    for name in kv_inputs:
+        users = cons.get(name, [])
+        if users and max(users) > min(users):
+            kv_block[min(users) + 1] += 1
+            kv_block[max(users) + 1] -= 1
+    crossing = np.cumsum(delta)
+    straddle = np.cumsum(kv_block)
+    cuts = [i for i in range(1, n) if crossing[i] == 1 and straddle[i] == 0]
+    # of a run of consecutive legal positions keep the first: side/shape nodes between
+    # two layers go with the layer that reads them
+    return [c for k, c in enumerate(cuts) if k == 0 or cuts[k - 1] != c - 1]
+
+
+def _signature(model: onnx.ModelProto, nodes: list[int]) -> tuple[str, ...]:
+    return tuple(model.graph.node[i].op_type for i in nodes)
+
+
+def group_layers(model: onnx.ModelProto, spans: list[list[int]], kv_inputs: set[str]):
+    """Merge fine spans into (label, kind, nodes): embed, layer 0..L-1, head."""
+    g = model.graph
+    reads_kv = [any(i in kv_inputs for k in s for i in g.node[k].input) for s in spans]
+    starts = [k for k, r in enumerate(reads_kv) if r]
+    if not starts:
+        return [(f"block {k}", "block", s) for k, s in enumerate(spans)]
+    groups = []
+    if starts[0] > 0:
+        groups.append(("embed", "embed", [i for s in spans[: starts[0]] for i in s]))
+    trailing = (starts[1] - starts[0] - 1) if len(starts) > 1 else 0
+    first_tail = [_signature(model, spans[starts[0] + 1 + j]) for j in range(trailing)]
+    for li, k in enumerate(starts):
+        end = starts[li + 1] if li + 1 < len(starts) else len(spans)
+        if li + 1 == len(starts):  # last layer: take as many trailing spans as layer 0 has
+            take = 0
+            while (take < trailing and k + 1 + take < len(spans)
+                   and _signature(model, spans[k + 1 + take]) == first_tail[take]):
+                take += 1
+            end = k + 1 + take
+        groups.append((f"layer {li}", "layer", [i for s in spans[k:end] for i in s]))
+    rest = [i for s in spans[end:] for i in s]
+    if rest:
+        groups.append(("head", "head", rest))
+    return groups
+
+
+@dataclass(frozen=True)
+class Coarsen:
+    name: ClassVar[str] = "coarsen"
+    granularity: str = "layer"  # layer | block (every legal cut)
+
+    def run(self, state: CompileState) -> CompileState:
+        model, sig = state.model, state.signature
+        g = model.graph
+        cls = classify_tensors(model, sig.input_roles)
+        cuts = legal_cuts(model, cls, sig.kv_inputs)
+        bounds = [0] + cuts + [len(g.node)]
+        spans = [list(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+        if self.granularity == "layer":
+            groups = group_layers(model, spans, sig.kv_inputs)
+        else:
+            groups = [(f"block {k}", "block", s) for k, s in enumerate(spans)]
+        if not groups:
+            raise LlcError(state.source, "graph has no nodes to partition")
+        state.blocks = build_blocks(state, groups, cls)
+        state.classes = cls
+        return state
+
+
+def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block]:
+    """Sum node costs per block and measure what crosses the cut after each block."""
+    g = state.model.graph
+    sig = state.signature
+    init_bytes = {t.name: tensor_nbytes(TensorInfo(t.name, t.data_type, tuple(t.dims)))
+                  for t in g.initializer}
+    block_of = {}
+    for b, (_, _, nodes) in enumerate(groups):
+        for i in nodes:
+            block_of[i] = b
+    first_use: dict[str, int] = {}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for t in node_inputs(node):
+            b = block_of[i]
+            first_use.setdefault(t, b)
+            last_use[t] = max(last_use.get(t, b), b)
+    produced_in = {o: block_of[i] for i, n in enumerate(g.node) for o in n.output if o}
+    for inp in g.input:  # graph inputs come from the head; KV inputs stay where they are read
+        if inp.name in sig.input_roles and inp.name not in sig.kv_inputs:
+            produced_in[inp.name] = 0
+    pre, dec = state.shapes["prefill"], state.shapes["decode"]
+    blocks = []
+    for b, (label, kind, nodes) in enumerate(groups):
+        weights = {i for k in nodes for i in g.node[k].input if i in init_bytes}
+        crossing = sorted(t for t, p in produced_in.items()
+                          if p <= b < last_use.get(t, -1) and cls.get(t) != "const")
+        costs = [state.costs[k] for k in nodes]
+        blocks.append(Block(
+            index=b, label=label, kind=kind, nodes=list(nodes),
+            flops_prefill=sum(c.flops_prefill for c in costs),
+            flops_decode=sum(c.flops_decode for c in costs),
+            weight_bytes=sum(init_bytes[w] for w in weights),
+            kv_bytes=sum(c.kv_bytes for c in costs),
+            workspace_bytes=2 * max((c.act_bytes_prefill for c in costs), default=0),
+            cut_bytes_prefill=sum(tensor_nbytes(pre.get(t)) for t in crossing),
+            cut_bytes_decode=sum(tensor_nbytes(dec.get(t)) for t in crossing),
+            cut_tensors=tuple(crossing),
+        ))
+    return blocks

@@ -1,0 +1,155 @@
+"""load: read the ONNX model lazily and find what its inputs and outputs are for.
+
+before: a path to ``model.onnx`` (+ external data beside it)
+after:  ``state.model`` without weight bytes loaded (external tensors stay
+        references into ``state.data_dir``), ``state.signature`` (token input,
+        KV-cache bindings, logits), ``state.tensors`` (symbolic types).
+
+Roles are found from the graph's structure and types, not from one exporter's
+naming: a float input of rank >= 3 is a KV-cache input and its present output is
+the first graph output reachable from it; the token input is the integer input
+read by a Gather on a float table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from llc.errors import LlcError
+from llc.ir import CompileState, KVBinding, Signature, consumers, external_location, value_infos
+
+MAX_PRESENT_DEPTH = 8  # a present output is at most a few ops after its past input
+
+
+def read_model(path: Path) -> onnx.ModelProto:
+    """Parse an ONNX file without loading external data; LlcError on anything wrong."""
+    if not path.is_file():
+        raise LlcError(path, "model file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise LlcError(path, f"not a valid ONNX file ({type(e).__name__}: {str(e).strip()[:80]})") from None
+    except Exception as e:  # onnx raises a variety of parse errors
+        raise LlcError(path, f"not a valid ONNX file ({str(e).strip()[:80]})") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
+        raise LlcError(path, "not an ONNX model (no graph, nodes or outputs)")
+    check_external_data(model, path.parent, path)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None
+    return model
+
+
+def check_external_data(model: onnx.ModelProto, data_dir: Path, path: Path) -> None:
+    """Every external tensor's file exists and is long enough (catches missing/truncated data)."""
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        loc = external_location(t)
+        if loc is None:
+            continue
+        name, offset, length = loc
+        f = data_dir / name
+        if name not in sizes:
+            if not f.is_file():
+                raise LlcError(path, f"external data file {name} not found in {data_dir}")
+            sizes[name] = os.path.getsize(f)
+        if length >= 0 and offset + length > sizes[name]:
+            raise LlcError(path, f"external data file {name} is truncated "
+                                 f"({sizes[name]} bytes, tensor {t.name} needs {offset + length})")
+
+
+def detect_signature(model: onnx.ModelProto, where: Path) -> Signature:
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    info = value_infos(model)
+    cons = consumers(g)
+    outputs = [o.name for o in g.output]
+    roles: dict[str, str] = {}
+    for inp in g.input:
+        if inp.name in inits:
+            continue
+        t = info.get(inp.name)
+        lname = inp.name.lower()
+        is_float = t is not None and t.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                     onnx.TensorProto.BFLOAT16)
+        rank = len(t.shape) if t is not None and t.shape is not None else 0
+        if is_float and rank >= 3:
+            roles[inp.name] = "kv"
+        elif "input_ids" in lname or lname in ("tokens", "input"):
+            roles[inp.name] = "input_ids"
+        elif "attention_mask" in lname or lname == "mask":
+            roles[inp.name] = "attention_mask"
+        elif "position" in lname:
+            roles[inp.name] = "position_ids"
+        else:
+            roles[inp.name] = "other"
+    if "input_ids" not in roles.values():  # fall back to structure: int input -> Gather(table)
+        for name, role in roles.items():
+            if role != "other":
+                continue
+            for i in cons.get(name, []):
+                n = g.node[i]
+                if n.op_type == "Gather" and n.input[1] == name and n.input[0] in inits:
+                    roles[name] = "input_ids"
+    if list(roles.values()).count("input_ids") != 1:
+        raise LlcError(where, "cannot find the token input (an int64 input such as input_ids)")
+
+    producers_of = {o: n for n in g.node for o in n.output}
+    taken: set[str] = set()
+    kv: list[KVBinding] = []
+    for name, role in roles.items():
+        if role != "kv":
+            continue
+        present = _first_output_after(name, g, cons, set(outputs) - taken)
+        if present is None:
+            raise LlcError(where, f"KV-cache input {name} has no present output")
+        taken.add(present)
+        shape = info[name].shape or ()
+        axes = [i for i, d in enumerate(shape) if isinstance(d, str) and i > 0]
+        seq_axis = axes[0] if axes else len(shape) - 2
+        kv.append(KVBinding(past=name, present=present, seq_axis=seq_axis))
+    rest = [o for o in outputs if o not in taken]
+    logits = "logits" if "logits" in rest else (rest[0] if rest else None)
+    if logits is None or logits not in producers_of:
+        raise LlcError(where, "cannot find the logits output")
+    return Signature(input_roles=roles, kv=tuple(kv), logits=logits)
+
+
+def _first_output_after(start: str, g: onnx.GraphProto, cons: dict[str, list[int]],
+                        candidates: set[str]) -> str | None:
+    """Breadth-first from a KV input to the nearest graph output (its present)."""
+    seen = {start}
+    frontier = deque([(start, 0)])
+    while frontier:
+        t, depth = frontier.popleft()
+        if t in candidates and t != start:
+            return t
+        if depth >= MAX_PRESENT_DEPTH:
+            continue
+        for i in cons.get(t, []):
+            for o in g.node[i].output:
+                if o and o not in seen:
+                    seen.add(o)
+                    frontier.append((o, depth + 1))
+    return None
+
+
+@dataclass(frozen=True)
+class Load:
+    name: ClassVar[str] = "load"
+
+    def run(self, state: CompileState) -> CompileState:
+        state.model = read_model(state.source)
+        state.data_dir = state.source.parent
+        state.signature = detect_signature(state.model, state.source)
+        state.tensors = value_infos(state.model)
+        return state

@@ -1,0 +1,1 @@
+"""Deployment targets (local processes, Android over adb). Installed as ``llc.targets``."""

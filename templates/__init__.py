@@ -1,0 +1,1 @@
+"""Jinja2 templates for the launcher, run script and report."""

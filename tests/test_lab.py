@@ -1,0 +1,157 @@
+"""Phone lab: real adbd "phones" in namespaces, driven by the stock adb client.
+
+These need root, adb and adbd (scripts/install-lab-deps.sh). They fail, never
+skip, when those are missing: a lab that silently does not run would hide a
+broken `llc deploy` path. The lab here uses its own name, subnet and adb port
+so it never touches a lab a user has up (default llc / 10.78.0 / 5137).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llc.lab import Lab, LabError, PhoneSpec
+
+pytestmark = pytest.mark.lab
+
+NAME, SUBNET, ADB_PORT = "llct", "10.78.0", 5147
+BUSY = (
+    "import time\n"
+    "t = time.time(); n = 0\n"
+    "while time.time() - t < 2.0: n += 1\n"
+    "print(n)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the phone lab tests need root (namespaces, tc, cgroups)")
+    the_lab = Lab(tmp_path_factory.mktemp("lab"), adb_port=ADB_PORT, name=NAME, subnet=SUBNET)
+    the_lab.down()  # sweep whatever a crashed earlier run left
+    try:
+        the_lab.up([PhoneSpec(cpu=1.0, rate="100mbit"), PhoneSpec(cpu=0.25, rate="20mbit")])
+    except LabError as e:
+        pytest.fail(f"lab up failed: {e}")
+    yield the_lab
+    the_lab.down()
+
+
+def test_phones_are_where_the_lab_says(lab):
+    fast, slow = lab.phones
+    assert (fast.serial, slow.serial) == (f"{SUBNET}.11:5555", f"{SUBNET}.12:5555")
+    # a plain `adb -P PORT connect` from the host works (idempotent on a connected phone)
+    out = subprocess.run(["adb", "-P", str(ADB_PORT), "connect", fast.serial],
+                         capture_output=True, text=True, timeout=20)
+    assert "connected to" in out.stdout
+    devices = lab.adb("devices").stdout
+    assert f"{fast.serial}\tdevice" in devices and f"{slow.serial}\tdevice" in devices
+
+
+def test_push_and_shell(lab, tmp_path):
+    phone = lab.phones[1]
+    src = tmp_path / "hello.txt"
+    src.write_bytes(b"hello phone\n" * 1000)
+    lab.adb("push", str(src), "/data/local/tmp/hello.txt", serial=phone.serial)
+    # the file lands in the phone's own folder, not in the other phone's
+    with open(os.path.join(phone.data_dir, "hello.txt"), "rb") as f:
+        assert f.read() == src.read_bytes()
+    assert not os.path.exists(os.path.join(lab.phones[0].data_dir, "hello.txt"))
+    out = lab.adb("shell", "wc -c < /data/local/tmp/hello.txt; hostname; cat /proc/self/cgroup",
+                  serial=phone.serial).stdout
+    assert out.split()[0] == "12000"
+    assert "phone2" in out and f"/{NAME}-lab/phone2" in out
+    # shell v2 carries the exit code back
+    assert lab.adb("shell", "exit 7", serial=phone.serial, check=False).returncode == 7
+
+
+def test_runtime_imports_in_shell(lab):
+    out = lab.adb("shell", "python3 -c 'import numpy, onnxruntime, zmq; print(\"ok\")'",
+                  serial=lab.phones[1].serial, timeout=120).stdout
+    assert out.strip() == "ok"
+
+
+def test_cpu_quota(lab):
+    """Work done in 2 s of wall time: the 0.25-CPU phone does about a quarter."""
+    counts = []
+    for phone in lab.phones:
+        out = lab.adb("shell", f"python3 -c '{BUSY}'", serial=phone.serial, timeout=60).stdout
+        counts.append(int(out.split()[-1]))
+    ratio = counts[1] / counts[0]
+    print(f"busy-loop counts {counts}, ratio {ratio:.3f}")
+    assert 0.15 <= ratio <= 0.35
+
+
+def test_rate_limit_host_to_phone(lab):
+    """tbf on the 20mbit phone's link: a host->phone TCP stream stays near 20 Mbit/s."""
+    phone = lab.phones[1]
+    recv = (
+        "import socket, time\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('0.0.0.0', 6100)); s.listen(1); s.settimeout(20)\n"
+        "c, _ = s.accept(); n = 0; t0 = None\n"
+        "while True:\n"
+        "    b = c.recv(65536)\n"
+        "    if not b: break\n"
+        "    t0 = t0 or time.time(); n += len(b)\n"
+        "print(n * 8 / (time.time() - t0) / 1e6)\n"
+    )
+    lab.adb("shell", f"cat > /data/local/tmp/recv.py <<'EOF'\n{recv}EOF", serial=phone.serial)
+    rx = subprocess.Popen(["adb", "-P", str(ADB_PORT), "-s", phone.serial, "shell",
+                           "python3 /data/local/tmp/recv.py"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                sock = socket.create_connection((phone.address, 6100), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        end = time.monotonic() + 1.5
+        with sock:
+            while time.monotonic() < end:
+                sock.sendall(b"x" * 65536)
+        mbit = float(rx.communicate(timeout=30)[0].split()[-1])
+    finally:
+        rx.kill()
+        rx.wait(timeout=10)
+    print(f"host->phone2 {mbit:.1f} Mbit/s (tbf 20mbit)")
+    assert 12 <= mbit <= 24
+
+
+def test_down_leaves_nothing(lab):
+    """Last in this file: takes the shared lab down and looks for leftovers."""
+    phone = lab.phones[1]
+    # a process started through adb shell must die with the lab (no pid namespace: its pid is the host's)
+    sleeper = int(lab.adb("shell", "nohup sleep 600 >/dev/null 2>&1 & echo $!", serial=phone.serial).stdout)
+    pids = [p.pid for p in lab.phones] + [sleeper]
+    lab.down()
+
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "lab processes left"
+    # no adbd of this lab anywhere (another lab, e.g. a user's, may run its own)
+    left = []
+    for pid in subprocess.run(["pgrep", "-x", "adbd"], capture_output=True, text=True, timeout=10).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if f"/{NAME}-lab" in f.read():
+                    left.append(pid)
+        except OSError:
+            pass
+    assert left == [], f"adbd processes left: {left}"
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert f"{NAME}-" not in netns
+    links = os.listdir("/sys/class/net")
+    assert not [n for n in links if n.startswith(NAME)], links
+    assert not os.path.exists(f"/sys/fs/cgroup/cpu/{NAME}-lab")
+    with pytest.raises(OSError):  # the lab's adb server is gone too
+        socket.create_connection(("127.0.0.1", ADB_PORT), timeout=2).close()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
