@@ -159,9 +159,10 @@ class Coordinator:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 500) -> None:
+        """Close the sockets; ``linger_ms`` lets a just-sent stop reach live devices."""
         for s in self.socks.values():
-            s.close(linger=0)
+            s.close(linger=linger_ms)
         self.ctx.term()
 
     def __enter__(self) -> "Coordinator":

@@ -20,7 +20,7 @@ Per phone the lab makes:
 The lab uses its own adb server port so it never touches a user's adb server.
 Needs root, `adb`, `adbd` and iproute2 (scripts/install-lab-deps.sh).
 
-CLI (`python -m llc.lab ...`, or `llc lab ...` once registered):
+CLI (`llc lab ...` or `python -m llc.lab ...`):
     up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --state-dir /tmp/llc-lab
     status --state-dir /tmp/llc-lab
     down --state-dir /tmp/llc-lab
@@ -29,6 +29,7 @@ CLI (`python -m llc.lab ...`, or `llc lab ...` once registered):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import yaml
 
 ADBD = "/usr/lib/android-sdk/platform-tools/adbd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
@@ -49,6 +51,7 @@ ADBD_PORT = 5555
 DEVICE_TMP = Path("/data/local/tmp")  # what phones expose to `adb push`
 DEFAULT_STATE_DIR = "/tmp/llc-lab"
 DEFAULT_ADB_PORT = 5137  # not 5037: never share the user's adb server
+GFLOPS_PER_CORE = 8.0  # rough fp32 onnxruntime speed of one host core, for devices.yaml only
 
 # The script run (via `unshare --mount --uts`) in front of adbd. It joins the
 # cgroup first, so adbd and every process it spawns are throttled; then
@@ -60,7 +63,7 @@ _LAUNCH = r"""
 set -e
 echo $$ > "$1"
 mount --bind "$2" /data/local/tmp
-hostname "$4"
+hostname "$4" || true
 cd /
 netns=$3
 shift 4
@@ -79,6 +82,7 @@ class PhoneSpec:
     name: str | None = None  # default: phone<i>, i = 1..N
     cpu: float = 1.0  # cores (cfs quota / period); 0.25 = a quarter of a core
     rate: str = "100mbit"  # tc rate of its link, each direction
+    memory_mb: int = 2000  # only reported in devices.yaml: the lab does not limit memory
 
 
 @dataclass
@@ -93,11 +97,12 @@ class Phone:
     cpu_quota_us: int
     rate: str
     rate_bps: int
+    memory_mb: int
     netns: str
     veth: str  # host side of its link
     cgroup: str
     data_dir: str  # host folder that is /data/local/tmp on the phone
-    pid: int  # the launcher pid, which execs into adbd
+    pid: int  # adbd (unshare, sh and nsenter all exec into it)
 
 
 def parse_rate(rate: str) -> int:
@@ -119,6 +124,8 @@ def _run(args: list[str], timeout: float = 30, check: bool = True, **kw) -> subp
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
     except subprocess.TimeoutExpired as e:
         raise LabError(f"timed out after {timeout}s: {' '.join(args)}") from e
+    except FileNotFoundError as e:
+        raise LabError(f"{args[0]} not found: run scripts/install-lab-deps.sh") from e
     if check and proc.returncode != 0:
         raise LabError(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr.strip()}")
     return proc
@@ -180,7 +187,7 @@ class Lab:
     """A set of emulated phones sharing one bridge, one cgroup and one adb server.
 
     `name` prefixes every kernel object (bridge `<name>br0`, namespaces
-    `<name>-<phone>`, veths `<name><i>h`, cgroup `<name>-lab`), so the tests can
+    `<name>-<phone>`, veths `<name>-<i>h`, cgroup `<name>-lab`), so the tests can
     run a lab of their own next to a user's.
     """
 
@@ -210,6 +217,14 @@ class Lab:
         """Environment for running `adb` against this lab's private server."""
         return {**os.environ, "ADB_SERVER_SOCKET": f"tcp:localhost:{self.adb_port}"}
 
+    def server_running(self) -> bool:
+        """Is the lab's adb server listening? (Any `adb` call would start one.)"""
+        try:
+            socket.create_connection(("127.0.0.1", self.adb_port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
     def adb(self, *args: str, serial: str | None = None, timeout: float = 60, check: bool = True):
         """Run `adb -P <lab port> [-s serial] args...`; returns the CompletedProcess."""
         cmd = ["adb", "-P", str(self.adb_port)] + (["-s", serial] if serial else []) + list(args)
@@ -225,10 +240,10 @@ class Lab:
         if Path(f"/sys/class/net/{self.bridge}").exists():
             raise LabError(f"bridge {self.bridge} exists: a lab is up already (run `llc lab down` first)")
         names = [s.name or f"phone{i}" for i, s in enumerate(specs, 1)]
-        if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", n) for n in names):
-            raise LabError(f"phone names must be unique, 1-32 of [A-Za-z0-9_.-]: {names}")
+        if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}", n) for n in names):
+            raise LabError(f"phone names must be unique hostnames (letters, digits, '-'; 1-32): {names}")
         for s in specs:
-            if not 0 < s.cpu <= os.cpu_count() * 4:
+            if not s.cpu > 0:
                 raise LabError(f"cpu {s.cpu}: must be > 0 (cores)")
             parse_rate(s.rate)
 
@@ -262,7 +277,7 @@ class Lab:
 
     def _make_phone(self, i: int, name: str, spec: PhoneSpec) -> Phone:
         netns = f"{self.name}-{name}"
-        veth, peer = f"{self.name}{i}h", f"{self.name}{i}p"
+        veth, peer = f"{self.name}-{i}h", f"{self.name}-{i}p"
         address = f"{self.subnet}.{10 + i}"
         rate_bps = parse_rate(spec.rate)
         # burst: at least 10 ms of traffic (or 32 KB) so tbf can reach its rate at HZ timer granularity
@@ -292,7 +307,7 @@ class Lab:
         pid = self._start_adbd(name, address, cgroup, data_dir, netns, phone_dir / "adbd.log")
         return Phone(
             name=name, index=i, address=address, serial=f"{address}:{ADBD_PORT}",
-            cpu=spec.cpu, cpu_quota_us=quota, rate=spec.rate, rate_bps=rate_bps,
+            cpu=spec.cpu, cpu_quota_us=quota, rate=spec.rate, rate_bps=rate_bps, memory_mb=spec.memory_mb,
             netns=netns, veth=veth, cgroup=str(cgroup), data_dir=str(data_dir), pid=pid,
         )
 
@@ -301,7 +316,9 @@ class Lab:
 
         adbd hands its own environment to every `adb shell`, so it gets a small
         one: PATH starts with this Python's folder (python3 with numpy,
-        onnxruntime, pyzmq), HOME and TMPDIR are /data/local/tmp.
+        onnxruntime, pyzmq). adbd itself sets TMPDIR=/data/local/tmp and resets
+        HOME, USER, LOGNAME and SHELL from root's passwd entry (/root, /bin/bash)
+        in every shell, whatever is passed here.
         """
         py_bin = os.path.dirname(sys.executable)
         env = {
@@ -355,6 +372,28 @@ class Lab:
             "phones": [asdict(p) for p in self.phones],
         }
         (self.state_dir / "lab.json").write_text(json.dumps(state, indent=2) + "\n")
+        (self.state_dir / "devices.yaml").write_text(self.profile_yaml())
+
+    def profile_yaml(self) -> str:
+        """The phones as an llc device profile (examples/devices/), ready for `llc compile`.
+
+        gflops is an estimate (GFLOPS_PER_CORE x cpu quota) until measured; a
+        link between two phones crosses both their tbf limits, so it gets the
+        lower rate.
+        """
+        devices = [{
+            "name": p.name, "target": "adb", "serial": p.serial, "address": p.address,
+            "memory_mb": p.memory_mb, "gflops": round(GFLOPS_PER_CORE * p.cpu, 2),
+            "threads": max(1, math.ceil(p.cpu)),
+        } for p in self.phones]
+        links = [{"between": [a.name, b.name], "bandwidth_mbps": min(a.rate_bps, b.rate_bps) / 1e6,
+                  "latency_ms": 0.2}
+                 for i, a in enumerate(self.phones) for b in self.phones[i + 1:]]
+        slowest = min((p.rate_bps for p in self.phones), default=100e6) / 1e6
+        doc = {"devices": devices, "network": {"bandwidth_mbps": slowest, "latency_ms": 0.2, "links": links}}
+        header = (f"# llc lab: {len(devices)} emulated phones; adb server tcp:localhost:{self.adb_port}\n"
+                  f"# (export ADB_SERVER_SOCKET=tcp:localhost:{self.adb_port}). gflops are estimates.\n")
+        return header + yaml.safe_dump(doc, sort_keys=False)
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> "Lab":
@@ -373,14 +412,15 @@ class Lab:
     def status(self) -> list[dict]:
         """Per phone: is adbd alive, does its namespace exist, what does adb say."""
         netns = set(_run(["ip", "netns", "list"], timeout=10).stdout.split())
+        server = self.server_running()  # asking a stopped server would start a fresh, empty one
         rows = []
         for p in self.phones:
-            state = self.adb("get-state", serial=p.serial, timeout=10, check=False)
+            state = self.adb("get-state", serial=p.serial, timeout=10, check=False) if server else None
             rows.append({
                 "name": p.name, "serial": p.serial, "cpu": p.cpu, "rate": p.rate,
                 "adbd": "running" if _alive(p.pid) else "gone",
                 "netns": "yes" if p.netns in netns else "no",
-                "adb": state.stdout.strip() or "offline",
+                "adb": (state.stdout.strip() or "offline") if state else "no adb server",
             })
         return rows
 
@@ -390,7 +430,8 @@ class Lab:
         Works from the kernel's view (namespace and cgroup names carry the lab's
         prefix), not only from lab.json, so a half-made or crashed lab goes too.
         """
-        self.adb("kill-server", timeout=15, check=False)
+        if self.server_running():
+            self.adb("kill-server", timeout=15, check=False)
         netns_all = _run(["ip", "netns", "list"], timeout=10, check=False).stdout.split()
         mine = {n for n in netns_all if n.startswith(f"{self.name}-")} | {p.netns for p in self.phones}
         pids = {p.pid for p in self.phones if _alive(p.pid)}
@@ -406,7 +447,7 @@ class Lab:
         for n in mine:
             _run(["ip", "netns", "del", n], check=False, timeout=10)  # takes the phone-side veth along
         for link in Path("/sys/class/net").iterdir():  # host-side veths left by a half-made phone
-            if re.fullmatch(rf"{self.name}\d+[hp]", link.name):
+            if re.fullmatch(rf"{self.name}-\d+[hp]", link.name):
                 _run(["ip", "link", "del", link.name], check=False, timeout=10)
         if Path(f"/sys/class/net/{self.bridge}").exists():
             _run(["ip", "link", "del", self.bridge], timeout=10)
@@ -417,14 +458,18 @@ class Lab:
             _rmdir_cgroup(self.cgroup)
 
         marker = self.state_dir / "made-data-dir"
+        other_labs = [p for p in CGROUP_CPU.glob("*-lab") if p != self.cgroup]
         if marker.exists():
             for d in (DEVICE_TMP, DEVICE_TMP.parent, DEVICE_TMP.parent.parent):
+                if other_labs:  # another lab's phones may still have their folder mounted there
+                    break
                 try:
                     d.rmdir()  # only if empty: never delete anything a user put there
                 except OSError:
                     break
             marker.unlink()
         (self.state_dir / "lab.json").unlink(missing_ok=True)
+        (self.state_dir / "devices.yaml").unlink(missing_ok=True)
         self.phones = []
 
 
@@ -496,13 +541,12 @@ def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
         phones = the_lab.up(specs)
     except LabError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"# lab up: {len(phones)} phones, state in {Path(state_dir) / 'lab.json'}")
-    click.echo(f"# use: export ADB_SERVER_SOCKET=tcp:localhost:{adb_port}   (or adb -P {adb_port})")
-    click.echo("devices:")
+    click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us)':<24} {'rate':<10} /data/local/tmp is")
     for p in phones:
-        click.echo(f"  - name: {p.name}\n    target: adb\n    serial: {p.serial}\n    address: {p.address}\n"
-                   f"    cpu: {p.cpu}   # cfs quota {p.cpu_quota_us}/{CFS_PERIOD_US} us\n"
-                   f"    rate: {p.rate}   # tbf, each direction\n    data_dir: {p.data_dir}")
+        click.echo(f"{p.name:<12} {p.serial:<18} {f'{p.cpu} ({p.cpu_quota_us}/{CFS_PERIOD_US})':<24} "
+                   f"{p.rate:<10} {p.data_dir}")
+    click.echo(f"state: {Path(state_dir) / 'lab.json'}   profile: {Path(state_dir) / 'devices.yaml'}")
+    click.echo(f"adb:   export ADB_SERVER_SOCKET=tcp:localhost:{adb_port}   (or adb -P {adb_port} ...)")
 
 
 @lab.command("status")

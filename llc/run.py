@@ -39,7 +39,6 @@ def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: flo
     tokens = sum(len(r.tokens) for r in results)
     ttft = [r.ttft_ms for r in results if r.ttft_ms is not None]
     mspt = [r.ms_per_token for r in results if r.ms_per_token is not None]
-    decode_tokens = sum(max(0, len(r.tokens) - 1) for r in results)
     return {
         "requests": len(results),
         "tokens": tokens,
@@ -52,8 +51,9 @@ def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: flo
              "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step}
             for s in stages
         ],
+        # Everything sent on a hop (prefill included), also per generated token.
         "hops": {
-            f"{s.device}->{peer}": {"bytes": n, "bytes_per_token": n / decode_tokens if decode_tokens else None}
+            f"{s.device}->{peer}": {"bytes": n, "bytes_per_token": n / tokens if tokens else None}
             for s in stages for peer, n in sorted(s.bytes_sent.items())
         },
     }
@@ -133,7 +133,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         t0 = time.monotonic()
         results = coord.generate(prompts, params, concurrency, on_token)
         wall = time.monotonic() - t0
-        for r, s in zip(results, streams):
+        for r in results:
             r.text = tok.decode(r.tokens, skip_special_tokens=True)
         summary = _summary(results, coord.stats(), wall)
         _print_summary(summary)

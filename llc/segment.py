@@ -45,14 +45,13 @@ def const_closure(model: onnx.ModelProto, nodes: list[int], const: set[str]) -> 
     return sorted(need)
 
 
-def segment_io(model: onnx.ModelProto, nodes: list[int], exported: set[str]) -> SegmentIO:
+def segment_io(model: onnx.ModelProto, nodes: list[onnx.NodeProto], exported: set[str]) -> SegmentIO:
     """Inputs: read but not made here (and not weights). Outputs: graph outputs + ``exported``."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     made: list[str] = []
     read: list[str] = []
-    for i in nodes:
-        n = g.node[i]
+    for n in nodes:
         read += [t for t in node_inputs(n) if t not in made and t not in inits]
         made += [o for o in n.output if o]
     graph_outputs = [o.name for o in g.output]
@@ -74,15 +73,15 @@ def _value_info(name: str, info: TensorInfo | None, fallback: TensorInfo | None)
     return helper.make_tensor_value_info(name, src.elem_type, shape)
 
 
-def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[int], io: SegmentIO,
+def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeProto], io: SegmentIO,
                   tensors: dict[str, TensorInfo], fallback: dict[str, TensorInfo],
                   target: Path, name: str) -> dict[str, str]:
     """Write ``target`` (+ ``target.data`` if it has large weights); return {file: sha256}."""
     g = model.graph
-    used = {t for i in nodes for t in node_inputs(g.node[i])}
+    used = {t for n in nodes for t in node_inputs(n)}
     inits = [t for t in g.initializer if t.name in used]
     graph = helper.make_graph(
-        nodes=[g.node[i] for i in nodes],
+        nodes=nodes,
         name=name,
         inputs=[_value_info(t, tensors.get(t), fallback.get(t)) for t in io.inputs],
         outputs=[_value_info(t, tensors.get(t), fallback.get(t)) for t in io.outputs],
@@ -140,6 +139,35 @@ def _tensor_bytes(t: TensorProto, data_dir: Path, sources: dict) -> bytes | None
     if t.HasField("raw_data"):
         return t.raw_data
     return None  # typed fields (float_data, int64_data...): small, kept in the proto
+
+
+def redirect_kv_shape_reads(nodes: list[onnx.NodeProto], kv_inputs: set[str],
+                            types: dict[str, TensorInfo], where: str) -> list[onnx.NodeProto]:
+    """Point Shape/Size reads of a KV input this stage does not own at one it owns.
+
+    Some exporters (torch.export) read the shape of a later layer's cache early,
+    in the first layer. All caches of a decoder share their length, so the shape
+    of a same-typed cache this stage owns is the same value, and the foreign
+    cache never has to travel.
+    """
+    owned = [t for n in nodes if n.op_type not in ("Shape", "Size") for t in n.input if t in kv_inputs]
+    out = []
+    for n in nodes:
+        foreign = n.op_type in ("Shape", "Size") and n.input[0] in kv_inputs and n.input[0] not in owned
+        if not foreign:
+            out.append(n)
+            continue
+        want = types.get(n.input[0])
+        same = [o for o in owned if types.get(o) is not None and want is not None
+                and types[o].elem_type == want.elem_type and types[o].shape == want.shape]
+        if not same:
+            raise ValueError(f"{where} reads the shape of KV input {n.input[0]} but owns no cache "
+                             f"of the same type")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.input[0] = same[0]
+        out.append(copy)
+    return out
 
 
 def sha256_file(path: Path) -> str:

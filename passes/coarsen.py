@@ -65,8 +65,8 @@ def legal_cuts(model: onnx.ModelProto, cls: dict[str, str], kv_inputs: set[str])
                 if last > i:  # crosses cuts i+1 .. last
                     delta[i + 1] += 1
                     delta[last + 1] -= 1
-    for name in kv_inputs:
-        users = cons.get(name, [])
+    for name in kv_inputs:  # reads of a cache's shape alone are redirected by emit
+        users = [u for u in cons.get(name, []) if g.node[u].op_type not in SHAPE_OPS]
         if users and max(users) > min(users):
             kv_block[min(users) + 1] += 1
             kv_block[max(users) + 1] -= 1
@@ -85,7 +85,8 @@ def _signature(model: onnx.ModelProto, nodes: list[int]) -> tuple[str, ...]:
 def group_layers(model: onnx.ModelProto, spans: list[list[int]], kv_inputs: set[str]):
     """Merge fine spans into (label, kind, nodes): embed, layer 0..L-1, head."""
     g = model.graph
-    reads_kv = [any(i in kv_inputs for k in s for i in g.node[k].input) for s in spans]
+    reads_kv = [any(i in kv_inputs for k in s if g.node[k].op_type not in SHAPE_OPS
+                    for i in g.node[k].input) for s in spans]
     starts = [k for k, r in enumerate(reads_kv) if r]
     if not starts:
         return [(f"block {k}", "block", s) for k, s in enumerate(spans)]

@@ -42,7 +42,7 @@ def read_model(path: Path) -> onnx.ModelProto:
         raise LlcError(path, "not an ONNX model (no graph, nodes or outputs)")
     check_external_data(model, path.parent, path)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: resolves external data beside it
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None

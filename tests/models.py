@@ -21,6 +21,7 @@ Bump ``VERSION`` when the export changes so stale caches are not reused.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -76,6 +77,7 @@ def torch_model(name: str):
     return model.eval()
 
 
+@functools.lru_cache(maxsize=None)
 def export_module():
     """examples/smollm2/export.py as a module (it is a script, not part of the llc package)."""
     spec = importlib.util.spec_from_file_location("llc_example_export", _EXPORT_PY)
@@ -103,6 +105,7 @@ def _build(name: str, exporter: str, external_data: bool) -> Path:
             raise AssertionError(f"{name} ({exporter}) differs from torch: {diffs}")
         gen = {"eos_token_ids": [model.config.eos_token_id], "bos_token_id": model.config.bos_token_id}
         (tmp / "generation.json").write_text(json.dumps(gen, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         try:
             tmp.rename(folder)
         except OSError:  # another worker finished first; its copy is identical

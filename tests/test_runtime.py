@@ -1,0 +1,321 @@
+"""The runtime (launcher, coordinator, local target) against hand-made bundles.
+
+Ground truth is greedy decoding of the unsplit model in one onnxruntime
+session; the split pipeline must produce the same tokens, with several
+requests in flight. Failure tests check what a user relies on: foreign keys are
+refused, a dead or hung device is named within 10 s, nothing is left running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import write_profile
+from handmade_bundles import Reference, free_port, render, write_build, write_tokenizer
+from llc.coordinator import Coordinator, DeviceFailure, SamplingParams
+from llc.targets.base import TargetError, make_target
+from llc.targets.local import LocalTarget
+from models import tiny_gpt2, tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [[1, 17], [1, 40, 41, 42, 43], [1] + list(range(100, 111)), [1, 7, 8, 9, 200, 201, 202, 203, 3, 4, 5, 6, 250]]
+EOS = {2}
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> Reference:
+    return Reference(model)
+
+
+@pytest.fixture
+def target():
+    t = LocalTarget(ready_timeout=30)
+    yield t
+    t.stop()
+
+
+def devices(build: Path) -> list[str]:
+    return [s["device"] for s in json.loads((build / "plan.json").read_text())["stages"]]
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 3.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def pids_of(build: Path) -> dict[str, int]:
+    return {p.stem: int(p.read_text()) for p in (build / "run").glob("*.pid")}
+
+
+# --- correctness ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stages,recompute_rotary", [(1, False), (2, False), (3, True)])
+def test_split_pipeline_matches_unsplit_greedy(model, reference, target, tmp_path, stages, recompute_rotary):
+    build = write_build(model, tmp_path / "build", stages, recompute_rotary=recompute_rotary)
+    target.start(build, devices(build))
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        results = c.generate(PROMPTS, SamplingParams(max_new_tokens=24), concurrency=3)
+        stats = c.stats()
+    for r, prompt in zip(results, PROMPTS):
+        assert r.tokens == reference.greedy(prompt, 24, EOS), f"prompt {r.index}"
+        assert r.ttft_ms is not None and r.finished is not None
+    decode_steps = sum(len(r.tokens) - 1 for r in results)
+    assert [s.decode_steps for s in stats] == [decode_steps] * stages
+    assert all(s.prefill_steps == len(PROMPTS) for s in stats)
+    head, tail = stats[0], stats[-1]
+    if stages > 1:
+        assert set(tail.bytes_sent) == {"coordinator", head.device}  # only token ids go back
+    if stages == 3:  # the mask skips stage 1: it goes from the head straight to the tail
+        assert tail.device in head.bytes_sent
+
+
+def free_port_range(n: int) -> int:
+    """A base port with n free ports after it (the profile numbers devices base_port + i)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+@pytest.mark.parametrize("builder", [lambda: tiny_llama("legacy"), lambda: tiny_gpt2("dynamo")],
+                         ids=["llama-legacy", "gpt2-dynamo"])
+def test_compiled_build_matches_unsplit_greedy(builder, target, tmp_path):
+    """The same check on what `llc compile` emits (the real contract), not on hand-made bundles."""
+    from llc.compiler import compile_model
+    from llc.profile import load_profile
+
+    model = builder()
+    profile = load_profile(write_profile(tmp_path / "p.yaml", 3, stages=3, base_port=free_port_range(3)))
+    build = tmp_path / "build"
+    compile_model(model, profile, build, quiet=True)
+    write_tokenizer(build / "tokenizer.json", 256)
+    target.start(build, devices(build))
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        results = c.generate(PROMPTS, SamplingParams(max_new_tokens=16), concurrency=3)
+    reference = Reference(model)
+    eos = set(json.loads((build / "devices" / devices(build)[-1] / "manifest.json").read_text())["eos_token_ids"])
+    for r, prompt in zip(results, PROMPTS):
+        assert r.tokens == reference.greedy(prompt, 16, eos), f"prompt {r.index}"
+
+
+def test_sampling_is_repeatable_per_request(model, target, tmp_path):
+    build = write_build(model, tmp_path / "build", 2)
+    target.start(build, devices(build))
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        hot = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.9, seed=7)
+        a = c.generate(PROMPTS[:2] * 2, hot, concurrency=4)
+        b = c.generate(PROMPTS[:2], hot, concurrency=1)
+        greedy = c.generate(PROMPTS[:1], SamplingParams(max_new_tokens=12))
+        top1 = c.generate(PROMPTS[:1], SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1, seed=1))
+    assert [r.tokens for r in a] == [r.tokens for r in b] * 2  # interleaving does not change a seeded request
+    assert a[0].tokens != greedy[0].tokens
+    assert top1[0].tokens == greedy[0].tokens
+
+
+def test_sample_function(tmp_path, monkeypatch):
+    (tmp_path / "launcher.py").write_text(render("launcher.py.j2"))
+    spec = importlib.util.spec_from_file_location("llc_test_launcher", tmp_path / "launcher.py")
+    launcher = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, launcher)  # dataclasses look their module up
+    spec.loader.exec_module(launcher)
+    logits = np.array([0.0, 3.0, 2.9, -1.0])
+    rng = np.random.default_rng(0)
+    S = launcher.Sampling
+    assert launcher.sample(logits, S(), rng) == 1
+    assert {launcher.sample(logits, S(temperature=5, top_k=2), rng) for _ in range(200)} == {1, 2}
+    assert {launcher.sample(logits, S(temperature=5, top_p=0.01), rng) for _ in range(50)} == {1}
+    with pytest.raises(ValueError):
+        S.parse({"max_new_tokens": 0})
+
+
+def test_launcher_is_self_contained():
+    text = render("launcher.py.j2")
+    compile(text, "launcher.py", "exec")
+    imports = [line.split()[1] for line in text.splitlines() if line.startswith(("import ", "from "))]
+    assert not [m for m in imports if m.split(".")[0] == "llc"], imports
+    assert render("run.sh.j2").rstrip().endswith('exec "${PYTHON:-python3}" launcher.py "$@"')
+
+
+# --- security ------------------------------------------------------------------------------------
+
+
+def test_foreign_keys_are_refused_and_device_keeps_serving(model, reference, target, tmp_path):
+    build = write_build(model, tmp_path / "build", 2)
+    target.start(build, devices(build))
+    head = json.loads((build / "coordinator.json").read_text())["devices"]["dev0"]
+    ctx = zmq.Context()
+    try:
+        rogue_pub, rogue_sec = zmq.curve_keypair()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.linger = 0
+        rogue.curve_publickey, rogue.curve_secretkey = rogue_pub, rogue_sec
+        rogue.curve_serverkey = head["public"].encode()
+        rogue.connect(head["endpoint"])
+        plain = ctx.socket(zmq.DEALER)  # no CURVE at all
+        plain.linger = 0
+        plain.connect(head["endpoint"])
+        for s in (rogue, plain):
+            s.send(b'{"type":"hello"}')
+            s.send(b'{"type":"stop"}')
+        assert not rogue.poll(1500) and not plain.poll(100)
+        assert target.health() == {}
+    finally:
+        ctx.destroy(linger=0)
+    assert "refused CURVE client" in target.logs("dev0")
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        (r,) = c.generate(PROMPTS[1:2], SamplingParams(max_new_tokens=8))
+    assert r.tokens == reference.greedy(PROMPTS[1], 8, EOS)
+
+
+def test_tampered_bundle_refuses_to_start(model, target, tmp_path):
+    build = write_build(model, tmp_path / "build", 2)
+    data = build / "devices" / "dev1" / "segment.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[100] ^= 1
+    data.write_bytes(bytes(blob))
+    with pytest.raises(TargetError) as e:
+        target.start(build, devices(build))
+    assert e.value.device == "dev1"
+    assert "sha256 mismatch for segment.onnx.data" in str(e.value)
+    assert not target.procs  # the healthy device was stopped too
+
+
+def test_device_error_is_reported_with_its_name(model, target, tmp_path):
+    build = write_build(model, tmp_path / "build", 2)
+    target.start(build, devices(build))
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        with pytest.raises(DeviceFailure) as e:
+            c.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, top_p=2.0))
+    assert e.value.device == "dev0" and "bad sampling params" in str(e.value)
+
+
+# --- failures: no device left behind -----------------------------------------------------------
+
+
+def start_cli(build: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llc.run", str(build), "--prompt", "w5 w6 w7", "--max-new-tokens", "100000", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+
+
+def wait_streaming(proc: subprocess.Popen, build: Path, n_devices: int, timeout: float = 60) -> dict[str, int]:
+    """Block until the CLI prints generated text; return the device pids."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.1)[0] and os.read(proc.stdout.fileno(), 4096):
+            pids = pids_of(build)
+            assert len(pids) == n_devices
+            return pids
+        assert proc.poll() is None, proc.stderr.read().decode()
+    raise AssertionError("no output from llc run")
+
+
+@pytest.fixture
+def cli_build(model, tmp_path):
+    build = write_build(model, tmp_path / "build", 3, eos_token_ids=[])  # never stops by itself
+    procs: list[subprocess.Popen] = []
+    yield build, procs
+    for p in procs:  # if a test failed half-way, do not leak what it started
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for pid in pids_of(build).values():
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_dead_or_hung_device_ends_run_within_10s(cli_build, how):
+    build, procs = cli_build
+    proc = start_cli(build)
+    procs.append(proc)
+    pids = wait_streaming(proc, build, 3)
+    t0 = time.monotonic()
+    os.kill(pids["dev1"], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    out, err = proc.communicate(timeout=10)
+    took = time.monotonic() - t0
+    err = err.decode()
+    assert proc.returncode == 1, err
+    assert took < 10
+    assert "llc run: device 'dev1'" in err, err
+    assert ("killed by signal 9" if how == "kill" else "no answer to ping") in err
+    assert not wait_gone(list(pids.values()))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_killing_llc_run_leaves_no_device(cli_build, sig):
+    build, procs = cli_build
+    proc = start_cli(build)
+    procs.append(proc)
+    pids = wait_streaming(proc, build, 3)
+    proc.send_signal(sig)
+    proc.communicate(timeout=10)
+    assert proc.returncode != 0
+    assert not wait_gone(list(pids.values()))
+
+
+def test_cli_streams_and_writes_json(model, reference, tmp_path):
+    build = write_build(model, tmp_path / "build", 2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\nw40\nw100 w101 w102 w103 w104\n")
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "llc.run", str(build), "--prompts", str(prompts), "--max-new-tokens", "10",
+           "--concurrency", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    for r in report["results"]:
+        assert r["prompt_ids"][0] == 1  # the tokenizer adds <s>
+        assert r["tokens"] == reference.greedy(r["prompt_ids"], 10, EOS)
+        assert r["text"] in proc.stdout
+    summary = report["summary"]
+    assert summary["tokens"] == sum(len(r["tokens"]) for r in report["results"])
+    assert {"dev0->dev1", "dev1->dev0", "dev1->coordinator"} <= set(summary["hops"])
+    assert "ms/token" in proc.stderr
+    assert not (build / "run" / "dev0.pid").exists()
+
+
+def test_targets_registry():
+    assert isinstance(make_target("local"), LocalTarget)
+    with pytest.raises(ValueError):
+        make_target("nope")
