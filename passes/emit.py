@@ -216,6 +216,8 @@ class Emit:
             if tail:
                 manifest["logits"] = sig.logits
                 manifest["eos_token_ids"] = list(self.eos_token_ids)
+                if s.index != 0:
+                    manifest["head"] = plan.stages[0].device
             _write_json(root / "devices" / s.device / "manifest.json", manifest)
 
         plan_doc["build_id"] = build_id

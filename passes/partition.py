@@ -4,23 +4,25 @@ before: ordered blocks with costs; the device profile
 after:  ``state.plan``: stages in pipeline order, predicted per-stage compute,
         hops and memory.
 
-Mixed-integer program solved with python-mip (CBC). Slots k = 0..K-1 are
-pipeline positions; the solver decides which device sits in each slot (or
-leaves it empty) and which blocks each slot runs:
+Mixed-integer program solved with python-mip (CBC), in interval form: a
+variable for each (device, run of consecutive blocks) that fits the device's
+memory. The pipeline order of the devices is the order of their runs, so
+choosing participants and order needs no permutation variables:
 
-    a[b,k]  block b runs in slot k          z[k,d]  slot k is device d
-    sum_k a[b,k] = 1; slot(b) <= slot(b+1) <= slot(b) + 1; block 0 in slot 0;
-    the last block in the last used slot; used slots form a prefix.
-    memory:   sum_b a[b,k] mem[b] + ws[k] <= sum_d z[k,d] cap[d]
-    compute:  T[k] >= sum_b a[b,k] t[b,d] - M (1 - z[k,d])
-    hop:      H[k] >= lat[d,e] + X[k] s[d,e] - M (2 - z[k,d] - z[k+1,e])
-              X[k] = bytes crossing the boundary between slot k and k+1
-    return:   R >= lat[d,h] - M (3 - z[k,d] - z[0,h] - last[k])
-    latency:    min sum T + sum H + R          (one request, per token)
-    throughput: min Z + eps (sum T + sum H + R),  Z >= T[k], Z >= H[k]
+    v[d,i,j]  device d runs blocks i..j (only runs that fit d's memory exist)
+    every block covered once:  sum_{d, i<=b<=j} v[d,i,j] = 1
+    every device at most once: sum_{i,j} v[d,i,j] <= 1
+    hop after block b: a transport plan y[b,d,e] >= 0 from "d's run ends at b"
+        to "e's run starts at b+1" (rows and columns sum to those indicators),
+        costing lat[d,e] + cut[b] / bw[d,e]
+    return: the same from the run ending at the last block to the one starting
+        at block 0 (the tail sends the sampled token to the head)
+    latency:    min sum v T(d,i,j) + hops + return   (one request, per token)
+    throughput: min Z + eps * latency,  Z >= each device's T,  Z >= each hop
 
-The costs are those of ``llc.costmodel`` so the result can be checked against
-exhaustive search (tests do, on small instances).
+Interval covering is totally unimodular, so the LP relaxation is nearly
+integral and CBC proves optimality fast. The costs are those of
+``llc.costmodel``; tests check the result against exhaustive search.
 """
 
 from __future__ import annotations
@@ -58,105 +60,82 @@ def check_fits(t: CostTables, where: str) -> None:
 def solve(t: CostTables, time_limit: float = 60.0, threads: int = 1) -> tuple[Split | None, str, float]:
     """Solve the MIP; returns (split, solver status, seconds). ``None`` when infeasible."""
     nb, nd = len(t.mem), len(t.devices)
-    K = min(nb, nd)
-    B, D, S = range(nb), range(nd), range(K)
+    B, D = range(nb), range(nd)
     m = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
     m.verbose = 0
     m.threads = threads
-    m.max_mip_gap = 1e-7
-    m.max_mip_gap_abs = 1e-7
+    m.max_mip_gap = 1e-9
+    m.max_mip_gap_abs = 1e-9
 
-    a = [[m.add_var(var_type=mip.BINARY) for _ in S] for _ in B]
-    z = [[m.add_var(var_type=mip.BINARY) for _ in D] for _ in S]
-    used = [mip.xsum(z[k][d] for d in D) for k in S]
-    slot = [mip.xsum(k * a[b][k] for k in S) for b in B]
+    # prefix sums make every run's cost O(1)
+    pre_t = [[0.0] * (nb + 1) for _ in D]
+    pre_m = [0.0] * (nb + 1)
     for b in B:
-        m += mip.xsum(a[b][k] for k in S) == 1
-        for k in S:
-            m += a[b][k] <= used[k]
-    for b in range(nb - 1):
-        m += slot[b + 1] >= slot[b]
-        m += slot[b + 1] <= slot[b] + 1
-    m += a[0][0] == 1
-    m += slot[nb - 1] == mip.xsum(used) - 1
-    for k in S:
-        m += used[k] <= 1
-        if k + 1 < K:
-            m += used[k + 1] <= used[k]
+        pre_m[b + 1] = pre_m[b] + t.mem[b]
+        for d in D:
+            pre_t[d][b + 1] = pre_t[d][b] + t.t_decode[b][d]
+    runs: dict[tuple[int, int, int], mip.Var] = {}
     for d in D:
-        m += mip.xsum(z[k][d] for k in S) <= 1
-    if t.stages is not None:
-        if t.stages > K:
+        for i in B:
+            ws = 0
+            for j in range(i, nb):
+                ws = max(ws, t.workspace[j])
+                if pre_m[j + 1] - pre_m[i] + ws > t.capacity[d]:
+                    break  # longer runs from i only need more memory
+                runs[(d, i, j)] = m.add_var(var_type=mip.BINARY)
+    if not runs:
+        return None, "INFEASIBLE", 0.0
+    cover = [[] for _ in B]
+    ends = [[[] for _ in D] for _ in B]  # ends[b][d]: runs of d ending at b
+    starts = [[[] for _ in D] for _ in B]
+    for (d, i, j), v in runs.items():
+        for b in range(i, j + 1):
+            cover[b].append(v)
+        ends[j][d].append(v)
+        starts[i][d].append(v)
+    for b in B:
+        if not cover[b]:
             return None, "INFEASIBLE", 0.0
-        m += mip.xsum(used) == t.stages
+        m += mip.xsum(cover[b]) == 1
+    for d in D:
+        m += mip.xsum(v for (dd, _, _), v in runs.items() if dd == d) <= 1
+    if t.stages is not None:
+        m += mip.xsum(runs.values()) == t.stages
 
-    # memory: resident blocks + the largest workspace on the slot
-    ws = [m.add_var(lb=0) for _ in S]
-    for k in S:
-        for b in B:
-            m += ws[k] >= t.workspace[b] * a[b][k]
-        m += (mip.xsum(t.mem[b] * a[b][k] for b in B) + ws[k]
-              <= mip.xsum(max(t.capacity[d], 0.0) * z[k][d] for d in D))
-
-    # compute time of each slot on whichever device holds it
-    T = [m.add_var(lb=0) for _ in S]
-    for k in S:
+    def transport(src: list[list], dst: list[list], nbytes: float):
+        """Cost of moving nbytes from the device whose run ends to the one whose run starts."""
+        y = [[m.add_var(lb=0) for _ in D] for _ in D]
         for d in D:
-            big = sum(t.t_decode[b][d] for b in B)
-            m += T[k] >= mip.xsum(t.t_decode[b][d] * a[b][k] for b in B) - big * (1 - z[k][d])
+            m.add_constr(mip.xsum(y[d][e] for e in D) == mip.xsum(src[d]))
+            m.add_constr(mip.xsum(y[e][d] for e in D) == mip.xsum(dst[d]))
+        return mip.xsum((t.latency_ms[d][e] + nbytes * t.ms_per_byte[d][e]) * y[d][e]
+                        for d in D for e in D if d != e)
 
-    # hops between consecutive slots: bytes at the boundary over the pair's link
-    H = [m.add_var(lb=0) for _ in range(K - 1)]
-    max_cut = max(t.cut_decode) if t.cut_decode else 0
-    for k in range(K - 1):
-        e = [m.add_var(lb=0) for _ in range(nb - 1)]
-        for b in range(nb - 1):
-            m += e[b] >= a[b][k] + a[b + 1][k + 1] - 1
-        X = mip.xsum(t.cut_decode[b] * e[b] for b in range(nb - 1))
-        for d in D:
-            for f in D:
-                if d == f:
-                    continue
-                big = t.latency_ms[d][f] + max_cut * t.ms_per_byte[d][f]
-                m += H[k] >= (t.latency_ms[d][f] + t.ms_per_byte[d][f] * X
-                              - big * (2 - z[k][d] - z[k + 1][f]))
-
-    # the sampled token returns from the tail (last used slot) to the head
-    R = m.add_var(lb=0)
-    for k in range(1, K):
-        last = used[k] - (used[k + 1] if k + 1 < K else 0)
-        for d in D:
-            for h in D:
-                if d == h:
-                    continue
-                back = t.latency_ms[d][h] + TOKEN_BYTES * t.ms_per_byte[d][h]
-                m += R >= back - back * (3 - z[k][d] - z[0][h] - last)
-
-    latency = mip.xsum(T) + mip.xsum(H) + R
+    # inside the pipeline a run ending at b is always followed by one starting at b+1
+    H = [transport(ends[b], starts[b + 1], t.cut_decode[b]) for b in range(nb - 1)]
+    back = transport(ends[nb - 1], starts[0], TOKEN_BYTES)
+    T = {d: mip.xsum((pre_t[d][j + 1] - pre_t[d][i]) * v for (dd, i, j), v in runs.items() if dd == d)
+         for d in D}
+    latency = mip.xsum(T.values()) + mip.xsum(H) + back
     if t.objective == "throughput":
         Z = m.add_var(lb=0)
-        for k in S:
-            m += Z >= T[k]
-        for k in range(K - 1):
-            m += Z >= H[k]
+        for d in D:
+            m += Z >= T[d]
+        for h in H:
+            m += Z >= h
         m.objective = Z + EPS * latency
     else:
         m.objective = latency
-    # among equal plans prefer device i in slot i (stable, readable plans)
-    m.objective += TIE * mip.xsum((d - k) ** 2 * z[k][d] for k in S for d in D)
+    # among equal plans prefer earlier blocks on earlier devices (stable, readable plans)
+    m.objective += TIE * mip.xsum(abs(d - i * nd / nb) * v for (d, i, _), v in runs.items())
 
     t0 = time.perf_counter()
     status = m.optimize(max_seconds=time_limit)
     seconds = time.perf_counter() - t0
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
         return None, status.name, seconds
-    stages = []
-    for k in S:
-        dev = [d for d in D if z[k][d].x >= 0.5]
-        blocks = [b for b in B if a[b][k].x >= 0.5]
-        if dev and blocks:
-            stages.append((dev[0], blocks[0], blocks[-1]))
-    return Split(tuple(stages)), status.name, seconds
+    chosen = sorted((i, j, d) for (d, i, j), v in runs.items() if v.x >= 0.5)
+    return Split(tuple((d, i, j) for i, j, d in chosen)), status.name, seconds
 
 
 def plan_from_split(t: CostTables, split: Split, status: str, seconds: float) -> Plan:
