@@ -121,3 +121,18 @@ def test_failed_compile_keeps_the_previous_build(tmp_path, model, profile):
 def test_verify_rejects_non_build(tmp_path):
     r = llc("verify", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2 and "plan.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_lists_layers(tmp_path, model):
+    r = llc("inspect", str(model), "--prompt-tokens", "8", "--max-context", "64", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split()[0] for ln in r.stdout.splitlines()[3:]]
+    assert rows[:2] == ["embed", "layer"] and "head" in rows and rows[-1] == "total"
+
+
+def test_compile_prints_plan_and_progress(tmp_path, model):
+    p = write_profile(tmp_path / "devices.yaml", 3, stages=3)
+    r = llc("compile", str(model), "--devices", str(p), "-o", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "[7/7] emit done" in r.stderr
+    assert "3 stage(s)" in r.stdout and "ms/token" in r.stdout and "B/token" in r.stdout
