@@ -107,7 +107,17 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
     names = sorted(set(build.targets.values()))
     if target_name is None and len(names) > 1:
         raise click.UsageError(f"the plan mixes targets {names}; pick one with --target")
+    # After `llc deploy` the phones already run this build: attach, and watch them for health and logs.
+    watcher = None
+    if target_name is None and names == ["adb"]:
+        from llc.targets.adb import deployed_target
+
+        watcher = deployed_target(build_dir)
+        if watcher is not None and not attach:
+            click.echo("attaching to the devices `llc deploy` started (they keep running)", err=True)
+            attach = True
     target: Target | None = None if attach else make_target(target_name or names[0])
+    monitor = target or watcher
 
     # SIGTERM unwinds like Ctrl-C, so the finally below stops every device.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -116,7 +126,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         if target is not None:
             click.echo(f"starting {len(build.devices)} device(s) with target {target.name} ...", err=True)
             target.start(build_dir, build.names)
-        coord = Coordinator(build_dir, health=target.health if target else None)
+        coord = Coordinator(build_dir, health=monitor.health if monitor else None)
         coord.connect(timeout)
         tok = coord.tokenizer()
         prompts = [tok.encode(t).ids for t in texts]
@@ -146,8 +156,8 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
             coord.stop_devices()
     except (DeviceFailure, TargetError) as e:
         click.echo(f"llc run: {e}", err=True)
-        if target is not None:
-            tail = [line for line in target.logs(e.device).splitlines() if line.strip()][-5:]
+        if monitor is not None:
+            tail = [line for line in monitor.logs(e.device).splitlines() if line.strip()][-5:]
             for line in tail:
                 click.echo(f"  {e.device}| {line}", err=True)
         sys.exit(1)
@@ -161,6 +171,8 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
             coord.close()
         if target is not None:
             target.stop()
+        if watcher is not None:
+            watcher.close()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -1,0 +1,343 @@
+"""`llc profile`, `llc deploy` and `llc run` against the phone lab (real adbd "phones").
+
+Three phones with different CPU quotas and link rates: profile them, compile a
+tiny llama for the measured profile, deploy over adb, generate greedily and
+compare with the unsplit model, stop, and check nothing is left. Like
+test_lab.py these fail, never skip, without root/adb/adbd, and use their own
+lab name, subnet and adb port so a user's lab (llc / 10.77.0 / 5137) is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from handmade_bundles import Reference, write_tokenizer
+from llc.lab import Lab, LabError, PhoneSpec
+from llc.profile import load_profile
+from llc.targets.adb import Adb, AdbTarget, Phone, check_runtime, connect, runtime_problem
+from llc.targets.base import TargetError, make_target
+from models import tiny_llama
+
+NAME, SUBNET, ADB_PORT = "llcd", "10.79.0", 5157
+SPECS = [PhoneSpec(cpu=1.0, rate="100mbit"), PhoneSpec(cpu=0.5, rate="50mbit"), PhoneSpec(cpu=0.25, rate="20mbit")]
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["w5 w6 w7", "w40", "w100 w101 w102 w103 w104 w105 w106", "w7 w8 w9 w200 w201 w202 w203 w3 w4"]
+NEW_TOKENS = 12
+BUSY_SHARE = 0.85  # below this CPU share the "1-CPU" phone was starved by other work on the host
+
+
+def llc(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess; no ADB_SERVER_SOCKET leaks in from the caller."""
+    env = {k: v for k, v in os.environ.items() if k != "ADB_SERVER_SOCKET"}
+    return subprocess.run([sys.executable, "-m", "llc.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def lab_launchers() -> list[int]:
+    """Pids of launcher.py processes in this lab's cgroups (that is, on its phones)."""
+    pids = []
+    for procs in Path(f"/sys/fs/cgroup/cpu/{NAME}-lab").glob("*/cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                if b"launcher.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the phone lab tests need root (namespaces, tc, cgroups)")
+    the_lab = Lab(tmp_path_factory.mktemp("adb-lab"), adb_port=ADB_PORT, name=NAME, subnet=SUBNET)
+    try:
+        the_lab.down()  # sweep whatever a crashed earlier run left
+        the_lab.up(SPECS)
+    except LabError as e:
+        pytest.fail(f"lab up failed: {e}")
+    yield the_lab
+    the_lab.down()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert f"{NAME}-" not in netns, netns
+    assert lab_launchers() == []
+
+
+@pytest.fixture(scope="module")
+def measured(lab, tmp_path_factory) -> Path:
+    """`llc profile` of the lab's phones, from an input without memory_mb/gflops (they get measured)."""
+    tmp = tmp_path_factory.mktemp("profile")
+    doc = yaml.safe_load((lab.state_dir / "devices.yaml").read_text())
+    for d in doc["devices"]:
+        del d["memory_mb"], d["gflops"]
+    del doc["network"]["links"]
+    doc["workload"] = {"prompt_tokens": 16, "max_context": 128}
+    phones = tmp / "phones.yaml"
+    phones.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out, raw = tmp / "measured.yaml", tmp / "measured.json"
+    for attempt in range(3):
+        t0 = time.monotonic()
+        proc = llc("profile", phones, "-o", out, "--json", raw, "--adb-port", ADB_PORT,
+                   "--seconds", 1.5, "--net-seconds", 1.5)
+        assert proc.returncode == 0, proc.stderr
+        print(f"\nllc profile took {time.monotonic() - t0:.1f} s\n{proc.stderr}")
+        if busy_host(raw) is None:
+            break
+        print(f"host busy ({busy_host(raw)}): measuring again")
+    return out
+
+
+def busy_host(raw: Path) -> str | None:
+    """Why the 1-CPU phone was not one during its measurement (other work on this machine), or None."""
+    share = json.loads(raw.read_text())["devices"]["phone1"]["cpu_share"]
+    return None if share >= BUSY_SHARE else f"the 1-CPU phone got {share:.2f} CPU s/s"
+
+
+@pytest.fixture(scope="module")
+def build(measured, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adb-build") / "build"
+    proc = llc("compile", tiny_llama("legacy"), "--devices", measured, "--stages", 3, "-o", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    write_tokenizer(out / "tokenizer.json", 256)
+    return out
+
+
+def record(build: Path) -> dict:
+    return json.loads((build / "run" / "deploy.json").read_text())
+
+
+def stages(build: Path) -> list[str]:
+    return [s["device"] for s in json.loads((build / "plan.json").read_text())["stages"]]
+
+
+# --- llc profile ---------------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_profile_ranks_phones_and_measures_links(lab, measured):
+    profile = load_profile(measured)  # what compile accepts
+    by_name = {d.name: d for d in profile.devices}
+    assert [(d.name, d.serial, d.address, d.target, d.threads) for d in profile.devices] == \
+        [(p.name, p.serial, p.address, "adb", 1) for p in lab.phones]
+    assert profile.workload.prompt_tokens == 16 and profile.workload.max_context == 128
+    fast, mid, slow = (by_name[p.name].gflops for p in lab.phones)
+    ratio = slow / fast
+    print(f"decode GFLOP/s: 1.0 CPU {fast:.2f}, 0.5 CPU {mid:.2f}, 0.25 CPU {slow:.2f}; ratio 0.25/1.0 = {ratio:.3f}")
+    busy = busy_host(measured.with_suffix(".json"))
+    if busy:
+        # A 2-core machine shared with other work (CI, other sessions) may not give the 1-CPU phone a
+        # full core even after retries; the quota still caps the 0.25 phone. Compare it with a full core
+        # instead: the 1-CPU phone's rate per CPU second (as test_lab.py does). Loud in the output.
+        share = json.loads(measured.with_suffix(".json").read_text())["devices"]["phone1"]["cpu_share"]
+        ratio = slow / (fast / share)
+        print(f"WARNING: host busy ({busy}); ratio against a full core = {ratio:.3f}")
+    else:
+        assert fast > mid > slow
+    assert 0.15 <= ratio <= 0.35
+    assert mid > slow
+    host_mb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) // 1024
+    for d in profile.devices:  # the lab does not limit memory: phones see the host's MemAvailable
+        assert 0.5 * host_mb < d.memory_mb < 1.5 * host_mb
+    rates = {p.name: p.rate_bps / 1e6 for p in lab.phones}
+    assert len(profile.network.links) == 3
+    for (a, b), link in profile.network.links.items():
+        tbf = min(rates[a], rates[b])  # a phone-to-phone stream crosses both phones' tbf limits
+        print(f"{a}-{b}: {link.bandwidth_mbps:.1f} Mbit/s (tbf {tbf:.0f}), one-way {link.latency_ms:.3f} ms")
+        assert 0.75 * tbf <= link.bandwidth_mbps <= 1.02 * tbf
+        assert 0 < link.latency_ms < 5
+
+
+# --- llc deploy / run / stop ----------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_deploy_run_matches_unsplit_then_stop(lab, build, tmp_path):
+    phones = {p.name: p for p in lab.phones}
+    first = llc("deploy", build, "--adb-port", ADB_PORT)
+    assert first.returncode == 0, first.stderr
+    rec = record(build)
+    bundle_bytes = sum(f.stat().st_size for f in (build / "devices").glob("*/*"))
+    assert rec["pushed_bytes"] == bundle_bytes
+    pids = {name: d["pid"] for name, d in rec["devices"].items()}
+    for name, pid in pids.items():  # each launcher runs on its phone: in that phone's cgroup
+        assert alive(pid)
+        assert f"/{NAME}-lab/{name}" in Path(f"/proc/{pid}/cgroup").read_text()
+        assert (Path(phones[name].data_dir) / "llc" / rec["build_id"] / "launcher.pid").read_text().strip() == str(pid)
+
+    again = llc("deploy", build, "--adb-port", ADB_PORT)
+    assert again.returncode == 0, again.stderr
+    assert record(build)["pushed_bytes"] == 0 and "0 bytes pushed" in again.stdout
+    assert {n: d["pid"] for n, d in record(build)["devices"].items()} == pids  # left running, not restarted
+    print(f"deploy pushed {bundle_bytes} bytes the first time, {record(build)['pushed_bytes']} the second")
+
+    status = llc("status", build)  # no --adb-port: the deploy record knows the lab's adb server
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("launcher=running") == 3
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out.json"
+    run = llc("run", build, "--prompts", prompts, "--max-new-tokens", NEW_TOKENS, "--concurrency", 2, "--json", out)
+    assert run.returncode == 0, run.stderr
+    assert "attaching" in run.stderr
+    reference = Reference(tiny_llama("legacy"))
+    eos = set(json.loads((build / "devices" / stages(build)[-1] / "manifest.json").read_text())["eos_token_ids"])
+    results = json.loads(out.read_text())["results"]
+    for r in results:
+        assert r["tokens"] == reference.greedy(r["prompt_ids"], NEW_TOKENS, eos), r["prompt"]
+    print(f"llc run on the phones: {sum(len(r['tokens']) for r in results)} tokens, all equal to the unsplit model")
+    assert all(alive(p) for p in pids.values())  # attached: the launchers keep running
+
+    logs = llc("logs", build, stages(build)[-1])
+    assert logs.returncode == 0 and "listening on tcp://0.0.0.0:" in logs.stdout
+
+    stop = llc("stop", build)
+    assert stop.returncode == 0, stop.stderr
+    assert not [p for p in pids.values() if alive(p)]
+    assert lab_launchers() == []
+    assert not any((Path(p.data_dir) / "llc" / rec["build_id"] / "launcher.pid").exists() for p in lab.phones)
+    status = llc("status", build)
+    assert status.returncode == 1 and status.stdout.count("launcher=stopped") == 3
+    assert llc("stop", build).returncode == 0  # idempotent
+
+
+@pytest.mark.lab
+def test_interrupted_push_is_resumed(lab, build):
+    """A file cut short or missing on a phone is pushed again, and only that file."""
+    head, mid, tail = stages(build)
+    build_id = json.loads((build / "plan.json").read_text())["build_id"]
+    dirs = {p.name: Path(p.data_dir) / "llc" / build_id for p in lab.phones}
+    data = dirs[head] / "segment.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # as if the push was interrupted
+    (dirs[mid] / "manifest.json").unlink()
+    try:
+        proc = llc("deploy", build, "--adb-port", ADB_PORT)
+        assert proc.returncode == 0, proc.stderr
+        pushed = {n: d["pushed_files"] for n, d in record(build)["devices"].items()}
+        assert pushed == {head: ["segment.onnx.data"], mid: ["manifest.json"], tail: []}
+        assert record(build)["pushed_bytes"] == (build / "devices" / head / "segment.onnx.data").stat().st_size + \
+            (build / "devices" / mid / "manifest.json").stat().st_size
+    finally:
+        assert llc("stop", build).returncode == 0
+    assert lab_launchers() == []
+
+
+@pytest.mark.lab
+def test_run_with_target_adb_deploys_and_stops(lab, build, tmp_path):
+    """`llc run --target adb` without a deploy: starts the phones, generates, stops them again."""
+    env_server = f"tcp:localhost:{ADB_PORT}"
+    proc = subprocess.run([sys.executable, "-m", "llc.cli", "run", str(build), "--target", "adb",
+                           "--prompt", PROMPTS[0], "--max-new-tokens", "5"], capture_output=True, text=True,
+                          timeout=180, cwd=REPO, env={**os.environ, "ADB_SERVER_SOCKET": env_server})
+    assert proc.returncode == 0, proc.stderr
+    assert "starting 3 device(s) with target adb" in proc.stderr
+    assert lab_launchers() == []
+    assert record(build)["running"] is False
+
+
+@pytest.mark.lab
+def test_no_space_left_names_the_device(lab, build):
+    """A full /data/local/tmp (a 16 KB tmpfs over the bundle folder, inside the phone) is named, not a traceback."""
+    tail = stages(build)[-1]
+    phone = next(p for p in lab.phones if p.name == tail)
+    folder = f"/data/local/tmp/llc/{json.loads((build / 'plan.json').read_text())['build_id']}"
+    lab.adb("shell", f"mkdir -p {folder} && mount -t tmpfs -o size=16k tmpfs {folder}", serial=phone.serial)
+    try:
+        proc = llc("deploy", build, "--adb-port", ADB_PORT)
+    finally:
+        lab.adb("shell", f"umount {folder}", serial=phone.serial)
+    assert proc.returncode == 1
+    assert f"llc deploy: device '{tail}': no space left on the device" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert lab_launchers() == []  # nothing started when one phone cannot take its bundle
+
+
+@pytest.mark.lab
+def test_missing_runtime_says_what_to_install(lab):
+    adb = Adb.for_port(ADB_PORT)
+    phone = Phone("phone3", lab.phones[2].serial)
+    with pytest.raises(TargetError, match=r"device 'phone3': no python3\.99 on the device.*pkg install python"):
+        check_runtime(adb, phone, python="python3.99")
+    with pytest.raises(TargetError, match=r"python3 cannot import llc-no-such-pkg \(ModuleNotFoundError\); install "
+                                          r"them \(on Termux: pkg install python python-numpy; pip install"):
+        check_runtime(adb, phone, modules={"numpy": "numpy", "llc_no_such_module": "llc-no-such-pkg"})
+    check_runtime(adb, phone)  # the lab's phones have the runtime
+
+
+@pytest.mark.lab
+def test_dead_adbd_is_named_before_anything_starts(lab, build):
+    """Last: it kills a phone's adbd. The deploy fails at once, naming that phone."""
+    victim = lab.phones[1]
+    os.kill(victim.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while alive(victim.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc = llc("deploy", build, "--adb-port", ADB_PORT)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"llc deploy: device '{victim.name}': cannot reach {victim.serial}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert took < 15
+    assert lab_launchers() == []
+
+
+# --- without the lab: adb states a lab cannot produce ------------------------------------------------
+
+
+def fake_adb(tmp_path: Path, devices_output: str) -> Adb:
+    """An `adb` that lists canned devices and fails to connect (what adb does for a phone that is away)."""
+    exe = tmp_path / "adb"
+    exe.write_text("#!/bin/sh\n"
+                   "for a; do last=$a; done\n"
+                   "case \" $* \" in\n"
+                   f"  *' devices '*) printf '%s' '{devices_output}' ;;\n"
+                   "  *' connect '*) echo \"failed to connect to '$last': Connection refused\" ;;\n"
+                   "esac\nexit 0\n")
+    exe.chmod(0o755)
+    return Adb(exe=str(exe))
+
+
+@pytest.mark.parametrize("state,message", [
+    ("unauthorized", "R58M12345 is unauthorized: unlock the phone and accept the 'Allow USB debugging' prompt"),
+    ("offline", "R58M12345 is offline: reconnect it"),
+    (None, "R58M12345 is not listed by `adb devices`: plug it in and enable USB debugging"),
+])
+def test_adb_states_are_one_line_errors(tmp_path, state, message):
+    listing = "List of devices attached\n" + (f"R58M12345\t{state}\n" if state else "") + "\n"
+    with pytest.raises(TargetError) as e:
+        connect(fake_adb(tmp_path, listing), Phone("pixel", "R58M12345"))
+    assert str(e.value).startswith(f"device 'pixel': {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_network_phone_that_does_not_answer(tmp_path):
+    with pytest.raises(TargetError, match=r"device 'p': cannot reach 10\.9\.9\.9:5555 \(failed to connect"):
+        connect(fake_adb(tmp_path, "List of devices attached\n\n"), Phone("p", "10.9.9.9:5555"))
+
+
+def test_runtime_problem_messages():
+    assert runtime_problem("llc-ok\n") is None
+    assert "pip install onnxruntime pyzmq" in runtime_problem("llc-no-python\n")
+    assert runtime_problem("llc-missing: onnxruntime (ModuleNotFoundError), pyzmq (ImportError)\n").startswith(
+        "python3 cannot import onnxruntime (ModuleNotFoundError), pyzmq (ImportError); install them")
+
+
+def test_adb_target_is_registered():
+    assert isinstance(make_target("adb"), AdbTarget)
