@@ -9,29 +9,53 @@ variable for each (device, run of consecutive blocks) that fits the device's
 memory. The pipeline order of the devices is the order of their runs, so
 choosing participants and order needs no permutation variables:
 
-    v[d,i,j]  device d runs blocks i..j (only runs that fit d's memory exist)
-    every block covered once:  sum_{d, i<=b<=j} v[d,i,j] = 1
+    v[d,i,j]  device d runs blocks i..j (only runs that fit d's memory exist,
+        and with a fixed stage count k only runs that leave k-1 blocks)
+    the runs form a path over the blocks: one starts at block 0, one ends at
+        the last block, and one ends at b exactly when one starts at b+1
     every device at most once: sum_{i,j} v[d,i,j] <= 1
+    fixed stage count k:       sum v = k
     hop after block b: a transport plan y[b,d,e] >= 0 from "d's run ends at b"
         to "e's run starts at b+1" (rows and columns sum to those indicators),
-        costing lat[d,e] + cut[b] / bw[d,e]
+        costing lat[d,e] + cut[b] / bw[d,e]; no y[b,d,d], as a device never
+        follows itself
     return: the same from the run ending at the last block to the one starting
-        at block 0 (the tail sends the sampled token to the head)
+        at block 0 (the tail sends the sampled token to the head), leaving out
+        a single device that runs everything
     latency:    min sum v T(d,i,j) + hops + return   (one request, per token)
     throughput: min Z + eps * latency,  Z >= each device's T,  Z >= each hop
 
-Interval covering is totally unimodular, so the LP relaxation is nearly
-integral and CBC proves optimality fast. The costs are those of
+The path constraints are totally unimodular. Without y[b,d,d] (which let the
+LP pair a device with itself for free), the latency LP bound is the optimum or
+within 0.1% of it on SmolLM2's profiles, so CBC proves optimality at or near
+the root (with per-link latencies the gap is a few %, still well under 1 s).
+
+Min-max is weak in an LP (fractional runs spread the bottleneck), so throughput
+is solved around the bottleneck, found first: the optimal bottleneck is the
+cost of some run or forward hop, and forbidding (upper bound 0) every run and
+hop dearer than a candidate z leaves a model that has a plan exactly when one
+with bottleneck <= z exists. Bisection over the sorted candidates with LP
+relaxations gives a lower bound (usually exact); MIPs stopped at their first
+solution then find the least candidate z* with a plan. The last MIP minimizes
+Z + eps * latency with Z >= z* and only the runs and hops a plan better than
+the best seen can use (cost <= best - eps * least latency, the latency LP bound).
+
+CBC settings: cuts, presolve and heuristics off (the LP is tight, they only
+cost time); the cutoff increment is TIE, not CBC's default 1e-4 ms, which
+prunes plans better by less than that. The costs are those of
 ``llc.costmodel``; tests check the result against exhaustive search.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import mip
+import mip.cbc
 
 from llc.costmodel import EPS, TIE, MIB, TOKEN_BYTES, CostTables, Split, build_tables, evaluate
 from llc.errors import DoesNotFit
@@ -59,13 +83,18 @@ def check_fits(t: CostTables, where: str) -> None:
 
 def solve(t: CostTables, time_limit: float = 60.0, threads: int = 1) -> tuple[Split | None, str, float]:
     """Solve the MIP; returns (split, solver status, seconds). ``None`` when infeasible."""
+    t0 = time.perf_counter()
     nb, nd = len(t.mem), len(t.devices)
     B, D = range(nb), range(nd)
     m = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
     m.verbose = 0
     m.threads = threads
-    m.max_mip_gap = 1e-9
-    m.max_mip_gap_abs = 1e-9
+    m.max_mip_gap = m.max_mip_gap_abs = 1e-9
+    m.cuts = 0
+    m.preprocess = 0
+    # no python-mip property for these two (see the module docstring)
+    mip.cbc.cbc_set_parameter(m.solver, "heur", "off")
+    mip.cbc.cbc_set_parameter(m.solver, "increment", str(TIE))
 
     # prefix sums make every run's cost O(1)
     pre_t = [[0.0] * (nb + 1) for _ in D]
@@ -75,67 +104,131 @@ def solve(t: CostTables, time_limit: float = 60.0, threads: int = 1) -> tuple[Sp
         for d in D:
             pre_t[d][b + 1] = pre_t[d][b] + t.t_decode[b][d]
     runs: dict[tuple[int, int, int], mip.Var] = {}
+    longest = nb - (t.stages or 1) + 1  # leave a block for each other stage
     for d in D:
         for i in B:
             ws = 0
-            for j in range(i, nb):
+            for j in range(i, min(nb, i + longest)):
                 ws = max(ws, t.workspace[j])
-                if pre_m[j + 1] - pre_m[i] + ws > t.capacity[d]:
+                if pre_m[j + 1] - pre_m[i] + ws > t.capacity[d] + 1e-6:
                     break  # longer runs from i only need more memory
                 runs[(d, i, j)] = m.add_var(var_type=mip.BINARY)
-    if not runs:
-        return None, "INFEASIBLE", 0.0
-    cover = [[] for _ in B]
     ends = [[[] for _ in D] for _ in B]  # ends[b][d]: runs of d ending at b
     starts = [[[] for _ in D] for _ in B]
     for (d, i, j), v in runs.items():
-        for b in range(i, j + 1):
-            cover[b].append(v)
         ends[j][d].append(v)
         starts[i][d].append(v)
-    for b in B:
-        if not cover[b]:
-            return None, "INFEASIBLE", 0.0
-        m += mip.xsum(cover[b]) == 1
+    if not any(starts[0]) or not any(ends[nb - 1]):
+        return None, "INFEASIBLE", time.perf_counter() - t0
+    m += mip.xsum(sum(starts[0], [])) == 1
+    m += mip.xsum(sum(ends[nb - 1], [])) == 1
+    for b in range(nb - 1):
+        m += mip.xsum(sum(ends[b], [])) == mip.xsum(sum(starts[b + 1], []))
     for d in D:
-        m += mip.xsum(v for (dd, _, _), v in runs.items() if dd == d) <= 1
+        m += mip.xsum(v for (e, _, _), v in runs.items() if e == d) <= 1
     if t.stages is not None:
         m += mip.xsum(runs.values()) == t.stages
 
-    def transport(src: list[list], dst: list[list], nbytes: float):
-        """Cost of moving nbytes from the device whose run ends to the one whose run starts."""
-        y = [[m.add_var(lb=0) for _ in D] for _ in D]
+    price = {v: pre_t[d][j + 1] - pre_t[d][i] for (d, i, j), v in runs.items()}  # bottleneck terms
+
+    def transport(src: list[list], dst: list[list], nbytes: float, forward: bool):
+        """Cost of moving nbytes from the device whose run ends to the other whose run starts."""
+        y = [[m.add_var(ub=0 if d == e else 1) for e in D] for d in D]
         for d in D:
-            m.add_constr(mip.xsum(y[d][e] for e in D) == mip.xsum(src[d]))
+            m.add_constr(mip.xsum(y[d]) == mip.xsum(src[d]))
             m.add_constr(mip.xsum(y[e][d] for e in D) == mip.xsum(dst[d]))
-        return mip.xsum((t.latency_ms[d][e] + nbytes * t.ms_per_byte[d][e]) * y[d][e]
-                        for d in D for e in D if d != e)
+        if forward:
+            price.update({y[d][e]: t.hop(d, e, nbytes) for d in D for e in D if d != e})
+        return mip.xsum(t.hop(d, e, nbytes) * y[d][e] for d in D for e in D if d != e)
 
-    # inside the pipeline a run ending at b is always followed by one starting at b+1
-    H = [transport(ends[b], starts[b + 1], t.cut_decode[b]) for b in range(nb - 1)]
-    back = transport(ends[nb - 1], starts[0], TOKEN_BYTES)
-    T = {d: mip.xsum((pre_t[d][j + 1] - pre_t[d][i]) * v for (dd, i, j), v in runs.items() if dd == d)
-         for d in D}
-    latency = mip.xsum(T.values()) + mip.xsum(H) + back
-    if t.objective == "throughput":
-        Z = m.add_var(lb=0)
-        for d in D:
-            m += Z >= T[d]
-        for h in H:
-            m += Z >= h
-        m.objective = Z + EPS * latency
-    else:
-        m.objective = latency
+    H = [transport(ends[b], starts[b + 1], t.cut_decode[b], True) for b in range(nb - 1)]
+    whole = {runs.get((d, 0, nb - 1)) for d in D}  # one device runs everything: no return
+    back = transport([[v for v in ends[nb - 1][d] if v not in whole] for d in D],
+                     [[v for v in starts[0][d] if v not in whole] for d in D], TOKEN_BYTES, False)
+    T = [mip.xsum(price[v] * v for (e, _, _), v in runs.items() if e == d) for d in D]
+    latency = mip.xsum(T) + mip.xsum(H) + back
     # among equal plans prefer earlier blocks on earlier devices (stable, readable plans)
-    m.objective += TIE * mip.xsum(abs(d - i * nd / nb) * v for (d, i, _), v in runs.items())
+    tie = TIE * mip.xsum(abs(d - i * nd / nb) * v for (d, i, _), v in runs.items())
 
-    t0 = time.perf_counter()
-    status = m.optimize(max_seconds=time_limit)
-    seconds = time.perf_counter() - t0
-    if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
-        return None, status.name, seconds
-    chosen = sorted((i, j, d) for (d, i, j), v in runs.items() if v.x >= 0.5)
-    return Split(tuple((d, i, j) for i, j, d in chosen)), status.name, seconds
+    status = mip.OptimizationStatus.OTHER
+
+    def run(objective, first: bool = False) -> Split | None:
+        """Optimize (or stop at the first solution found); the plan, or None."""
+        nonlocal status
+        m.objective = objective
+        # python-mip keeps the limits of an earlier call unless they are set again
+        status = m.optimize(max_seconds=max(time_limit - (time.perf_counter() - t0), 0.01),
+                            max_solutions=1 if first else mip.INT_MAX - 1)
+        if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+            return None
+        chosen = sorted((i, j, d) for (d, i, j), v in runs.items() if v.x >= 0.5)
+        return Split(tuple((d, i, j) for i, j, d in chosen))
+
+    if t.objective != "throughput":
+        split = run(latency + tie)
+        return split, status.name, time.perf_counter() - t0
+
+    Z = m.add_var()
+    for x in T + H:
+        m += Z >= x
+    by_price = sorted(price, key=price.get)
+    prices = [price[v] for v in by_price]
+    cand = sorted(set(prices))  # the optimal bottleneck is one of these
+    allowed = len(by_price)
+
+    def allow(z: float) -> None:
+        """Forbid (upper bound 0) every run and hop that costs more than z."""
+        nonlocal allowed
+        k = bisect.bisect_right(prices, z * (1 + 1e-9))
+        for v in by_price[min(k, allowed):max(k, allowed)]:
+            v.ub = 1 if k > allowed else 0
+        allowed = k
+
+    best, best_val, hi = None, math.inf, len(cand) - 1
+
+    def probe() -> bool:
+        """Is there a plan with the allowed runs and hops? Keeps the best plan seen."""
+        nonlocal best, best_val, hi
+        split = run(latency, first=True)
+        if split is None:
+            return False
+        c = evaluate(t, split)
+        hi = min(hi, bisect.bisect_left(cand, c.bottleneck_ms * (1 - 1e-9)))
+        if c.objective(t.objective) < best_val:
+            best, best_val = split, c.objective(t.objective)
+        return True
+
+    # any plan bounds the bottleneck from above (and quiets the LPs below: python-mip
+    # prints CLP's log for an LP solved before any MIP, whatever m.verbose says)
+    if not probe():
+        return None, status.name, time.perf_counter() - t0
+    least_latency = latency.x if m.optimize(relax=True) == mip.OptimizationStatus.OPTIMAL else 0.0
+    # the least candidate whose LP relaxation is feasible bounds the bottleneck from below
+    lo, top = 0, hi
+    while lo < top:
+        mid = (lo + top) // 2
+        allow(cand[mid])
+        if m.optimize(relax=True) == mip.OptimizationStatus.INFEASIBLE:
+            lo = mid + 1
+        else:
+            top = mid
+    # the least candidate with a plan, trying that bound first (it usually has one)
+    mid = lo
+    while lo < hi:
+        allow(cand[mid])
+        if not probe():
+            if status != mip.OptimizationStatus.INFEASIBLE:
+                break  # out of time; lo is still a lower bound
+            lo = mid + 1
+        mid = (lo + hi) // 2
+    # a plan better than the best seen has bottleneck >= cand[lo] and
+    # <= best - eps * its latency <= best - eps * least latency
+    allow(best_val - EPS * least_latency + 1e-9 * best_val)
+    Z.lb = cand[lo]
+    split = run(Z + EPS * latency + tie)
+    if split is None:
+        return best, "FEASIBLE", time.perf_counter() - t0
+    return split, status.name, time.perf_counter() - t0
 
 
 def plan_from_split(t: CostTables, split: Split, status: str, seconds: float) -> Plan:

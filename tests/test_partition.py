@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llc.costmodel import (CostTables, Split, brute_force, evaluate, even_split,
+from llc.costmodel import (CostTables, brute_force, evaluate, even_split,
                            memory_proportional_split)
 from llc.passes.partition import solve
 from llc.profile import Device
@@ -62,6 +62,69 @@ def test_fixed_number_of_stages():
     best, best_val = brute_force(t)
     assert len(split.stages) == 3 == len(best.stages)
     assert evaluate(t, split).objective("latency") == pytest.approx(best_val, rel=1e-5)
+
+
+def model_like_tables(rng: random.Random, nb: int, nd: int, objective: str, stages=None) -> CostTables:
+    """Like a real decoder: an embedding (memory, no compute), nb - 2 identical layers
+    (identical costs and cut bytes, the symmetric case), a heavy head; often uniform links."""
+    t = random_tables(rng, nb, nd, objective, stages)
+    layer, head = t.t_decode[1], tuple(3 * x for x in t.t_decode[-1])
+    big, small = rng.randint(120, 300) * MB, rng.randint(20, 90) * MB
+    fields = dict(
+        t_decode=((0.0,) * nd,) + (layer,) * (nb - 2) + (head,),
+        mem=(big,) + (small,) * (nb - 2) + (big,),
+        workspace=(MB,) * (nb - 1) + (rng.randint(5, 40) * MB,),
+        cut_decode=(6408,) + (4864,) * (nb - 3) + (2304, 0),
+    )
+    if rng.random() < 0.5:  # one network for every link, as most profiles have
+        fields["latency_ms"] = tuple(tuple(0.0 if a == b else 6.0 for b in range(nd)) for a in range(nd))
+        fields["ms_per_byte"] = tuple(tuple(0.0 if a == b else 1e-4 for b in range(nd)) for a in range(nd))
+    return CostTables(**{**t.__dict__, **fields})
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("stages", [None, "all", "some"])
+@pytest.mark.parametrize("seed", range(6))
+def test_model_like_instances_match_brute_force(objective, stages, seed):
+    rng = random.Random(seed * 31 + len(objective) + 7 * len(stages or ""))
+    nb, nd = rng.randint(5, 9), rng.randint(2, 4)
+    k = {None: None, "all": nd, "some": rng.randint(1, nd)}[stages]
+    t = model_like_tables(rng, nb, nd, objective, k)
+    split, status, _ = solve(t)
+    best, best_val = brute_force(t)
+    if best is None:
+        assert split is None, "MIP found a plan where none fits"
+        return
+    assert split is not None, status
+    got = evaluate(t, split)
+    assert got.feasible
+    assert k is None or len(split.stages) == k
+    assert got.objective(objective) == pytest.approx(best_val, rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_more_stages_than_devices_or_blocks_is_infeasible(objective):
+    rng = random.Random(11)
+    t = random_tables(rng, nb=3, nd=4, objective=objective, stages=4)  # 4 stages, 3 blocks
+    t = CostTables(**{**t.__dict__, "capacity": tuple(1e12 for _ in t.capacity)})
+    assert solve(t)[0] is None
+    t = CostTables(**{**t.__dict__, "stages": 5})  # 5 stages, 4 devices
+    assert solve(t)[0] is None
+
+
+def test_throughput_takes_a_slightly_bigger_bottleneck_for_much_less_latency():
+    # one block per device; d0 -> d1 pays 40 ms for the cut bytes, d1 -> d0 pays none
+    # but 1e-4 ms more latency: d1 first has the bigger bottleneck (by 1e-4) and 40 ms
+    # less latency (the 8-byte return costs nothing per byte), and eps * 40 > 1e-4
+    t = random_tables(random.Random(0), nb=2, nd=2, objective="throughput")
+    cut = t.cut_decode[0]
+    t = CostTables(**{**t.__dict__, "t_decode": ((1.0, 1.0), (1.0, 1.0)),
+                      "mem": (100 * MB, 100 * MB), "workspace": (MB, MB),
+                      "capacity": (150 * MB, 150 * MB), "latency_ms": ((0.0, 0.5), (40.5001, 0.0)),
+                      "ms_per_byte": ((0.0, 40.0 / cut), (0.0, 0.0))})
+    split, _, _ = solve(t)
+    assert split.stages == ((1, 0, 0), (0, 1, 1))
+    assert evaluate(t, split).objective("throughput") == pytest.approx(brute_force(t)[1], rel=1e-9)
 
 
 def test_mip_prefers_the_fast_device_and_skips_the_slow_one():
