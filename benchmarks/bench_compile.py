@@ -66,9 +66,11 @@ def main() -> None:
             for name, split in (("even", even_split(t, order)),
                                 ("memory_prop", memory_proportional_split(t, order))):
                 c = evaluate(t, split)
-                base[name] = (c.decode_ms, c.feasible)
+                base[name] = (c.decode_ms, c.feasible, c.bottleneck_ms)
             wl_all = state.workload.__class__(**{**state.workload.__dict__, "stages": n})
             s_all, _ = compile_model(args.model, profile, tmp / f"b{n}all", workload=wl_all, quiet=True)
+            wl_tp = state.workload.__class__(**{**state.workload.__dict__, "objective": "throughput"})
+            s_tp, _ = compile_model(args.model, profile, tmp / f"b{n}tp", workload=wl_tp, quiet=True)
             rows.append({
                 "devices": n,
                 "mip_ms": round(state.plan.decode_ms, 3), "mip_stages": len(state.plan.stages),
@@ -76,6 +78,11 @@ def main() -> None:
                 "even_ms": round(base["even"][0], 3), "even_feasible": base["even"][1],
                 "memprop_ms": round(base["memory_prop"][0], 3), "memprop_feasible": base["memory_prop"][1],
                 "mip_solve_s": round(state.plan.solve_seconds, 4),
+                "tp_mip_bottleneck_ms": round(s_tp.plan.bottleneck_ms, 3),
+                "tp_mip_stages": len(s_tp.plan.stages),
+                "tp_even_bottleneck_ms": round(base["even"][2], 3),
+                "tp_memprop_bottleneck_ms": round(base["memory_prop"][2], 3),
+                "tp_mip_solve_s": round(s_tp.plan.solve_seconds, 4),
             })
     f = lambda v, ok=True: f"{v:9.2f}" + ("" if ok else "*")  # noqa: E731
     print(f"\nSmolLM2-135M decode ms/token, predicted (* = does not fit in memory)")
@@ -85,6 +92,12 @@ def main() -> None:
         print(f"{r['devices']:>6} {f(r['mip_ms'])} {r['mip_stages']:>6} {f(r['mip_all_ms'])} "
               f"{f(r['even_ms'], r['even_feasible']):>10} {f(r['memprop_ms'], r['memprop_feasible']):>10} "
               f"{r['even_ms'] / r['mip_ms']:>9.2f} {r['memprop_ms'] / r['mip_ms']:>9.2f} {r['mip_solve_s']:>11.3f}")
+    print(f"\nobjective throughput: pipeline bottleneck ms (lower = more tokens/s with requests in flight)")
+    print(f"{'phones':>6} {'MIP':>9} {'stages':>6} {'even':>10} {'mem-prop':>10} {'MIP solve s':>11}")
+    for r in rows:
+        print(f"{r['devices']:>6} {f(r['tp_mip_bottleneck_ms'])} {r['tp_mip_stages']:>6} "
+              f"{f(r['tp_even_bottleneck_ms'], r['even_feasible']):>10} "
+              f"{f(r['tp_memprop_bottleneck_ms'], r['memprop_feasible']):>10} {r['tp_mip_solve_s']:>11.3f}")
     names = [k for k in passes[0] if k not in ("devices",)]
     print("\ncompile pass times, seconds (first row: empty simplify cache)")
     print(f"{'phones':>6} " + " ".join(f"{k:>13}" for k in names))
