@@ -1,0 +1,159 @@
+"""SmolLM2-135M end to end: compile + verify for 1..4 stages, and `llc run` against unsplit onnxruntime.
+
+Ground truth is greedy decoding of the unsplit model (models/smollm2/model.onnx
+as exported) in one onnxruntime session. The model is exported first when it
+is missing (examples/smollm2/export.py is a no-op when the export is complete).
+
+The builds are compiled with no EOS token so every request yields exactly the
+40 tokens asked for (SmolLM2 ends "The capital of France is" after 30). The
+four compiles run two at a time in subprocesses: the MIP dominates and is
+single-threaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_profile
+from handmade_bundles import Reference
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO / "models" / "smollm2"
+STAGES = (1, 2, 3, 4)
+NEW_TOKENS = 40
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
+
+COMPILE = """
+import sys
+from pathlib import Path
+from llc.compiler import compile_model, with_overrides
+from llc.profile import load_profile
+model, profile, out, stages = sys.argv[1:]
+p = load_profile(Path(profile))
+compile_model(Path(model), p, Path(out), workload=with_overrides(p.workload, stages=int(stages)),
+              quiet=True, eos_token_ids=())
+"""
+
+
+def free_port_range(n: int) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    """models/smollm2/model.onnx, exported first if missing (the script does nothing when complete)."""
+    proc = subprocess.run([sys.executable, "examples/smollm2/export.py", "--out", str(MODEL_DIR)], cwd=REPO,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"export failed:\n{proc.stdout}\n{proc.stderr}"
+    return MODEL_DIR / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def builds(model, tmp_path_factory) -> dict[int, Path]:
+    """One build per stage count from a profile of 4 local devices (1 thread each), no EOS."""
+    root = tmp_path_factory.mktemp("smollm2")
+    profile = write_profile(root / "devices.yaml", 4, base_port=free_port_range(4))
+    # The builds' keys come from the test session's secret (see conftest), created once here:
+    # two compiles starting together would both try to create it.
+    secret = tmp_path_factory.getbasetemp() / "build-secret"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLC_SECRET_FILE", str(secret))
+        from llc.passes.emit import build_secret
+
+        build_secret()
+    env = dict(os.environ, LLC_SECRET_FILE=str(secret))
+
+    def compile_one(n: int) -> Path:
+        out = root / f"stages{n}"
+        proc = subprocess.run([sys.executable, "-c", COMPILE, str(model), str(profile), str(out), str(n)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, f"compile for {n} stage(s) failed:\n{proc.stderr}"
+        return out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the slowest (most stages) first
+        done = dict(zip(sorted(STAGES, reverse=True), pool.map(compile_one, sorted(STAGES, reverse=True))))
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> Reference:
+    return Reference(model, threads=1)
+
+
+@pytest.mark.parametrize("stages", STAGES)
+def test_compile_and_verify(builds, stages):
+    build = builds[stages]
+    plan = json.loads((build / "plan.json").read_text())
+    assert len(plan["stages"]) == stages
+    assert all(json.loads((build / "devices" / s["device"] / "manifest.json").read_text())["threads"] == 1
+               for s in plan["stages"])
+    from llc.cli import main
+
+    result = CliRunner().invoke(main, ["verify", str(build), "--tolerance", "1e-4"])
+    assert result.exit_code == 0, result.output
+    assert "ok: split == unsplit within 0.0001" in result.output
+
+
+def llc_run(build: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "llc.cli", "run", str(build), "--max-new-tokens", str(NEW_TOKENS), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_llc_run_3_devices_matches_unsplit_greedy(builds, reference, tmp_path):
+    build = builds[3]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    want = {p: reference.greedy(tok.encode(p).ids, NEW_TOKENS) for p in PROMPTS}
+    assert len({len(tok.encode(p).ids) for p in PROMPTS}) == len(PROMPTS)  # prompts of different lengths
+
+    # One request, its text streamed to stdout.
+    out = tmp_path / "one.json"
+    proc = llc_run(build, "--prompt", PROMPTS[0], "--json", str(out))
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["prompt_ids"] == tok.encode(PROMPTS[0]).ids
+    assert r["tokens"] == want[PROMPTS[0]]
+    assert len(r["tokens"]) == NEW_TOKENS
+    assert proc.stdout.strip() == tok.decode(want[PROMPTS[0]], skip_special_tokens=True).strip()
+
+    # Two prompts of different lengths, both in flight.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "two.json"
+    llc_run(build, "--prompts", str(prompts), "--concurrency", "2", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["concurrency"] == 2
+    assert [r["prompt"] for r in report["results"]] == PROMPTS
+    for r in report["results"]:
+        assert r["tokens"] == want[r["prompt"]], r["prompt"]
+    summary = report["summary"]
+    assert summary["tokens"] == 2 * NEW_TOKENS
+    assert [s["decode_steps"] for s in summary["stages"]] == [2 * (NEW_TOKENS - 1)] * 3
+    devices = [s["device"] for s in summary["stages"]]
+    assert f"{devices[0]}->{devices[1]}" in summary["hops"] and f"{devices[2]}->{devices[0]}" in summary["hops"]
