@@ -124,6 +124,7 @@ class StageStats:
     decode_ms: float
     decode_steps: int
     bytes_sent: dict[str, int]
+    events: list = field(default_factory=list)  # (rid, step, start, end), device wall clock
 
     @property
     def ms_per_decode_step(self) -> float | None:
@@ -294,7 +295,8 @@ class Coordinator:
         for d in self.build.devices:
             h = got[d.name]
             out.append(StageStats(d.name, d.stage, h["compute_ms"]["prefill"], h["steps"]["prefill"],
-                                  h["compute_ms"]["decode"], h["steps"]["decode"], dict(h["bytes_sent"])))
+                                  h["compute_ms"]["decode"], h["steps"]["decode"], dict(h["bytes_sent"]),
+                                  list(h.get("events", []))))
         return out
 
     def stop_devices(self) -> None:

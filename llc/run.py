@@ -90,13 +90,15 @@ def _print_summary(summary: dict) -> None:
               help="Requests kept in flight at once, to fill the pipeline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write texts, tokens and timings here.")
+@click.option("--timeline", "timeline_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the pipeline timeline (one row per device, one bar per step) as HTML.")
 @click.option("--target", "target_name", default=None, help="How to start the devices (default: from the plan).")
 @click.option("--attach", is_flag=True, help="Devices are already running (e.g. after `llc deploy`): "
                                              "do not start or stop them.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the devices to start.")
 def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
         top_k: int, top_p: float, seed: int | None, concurrency: int, json_path: Path | None,
-        target_name: str | None, attach: bool, timeout: float) -> None:
+        target_name: str | None, attach: bool, timeout: float, timeline_path: Path | None = None) -> None:
     """Generate text with the devices of BUILD_DIR (the output of `llc compile`)."""
     texts = _prompts(prompt, prompts_file)
     try:
@@ -140,12 +142,23 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
             elif done:
                 click.echo(f"=== [{r.index}] {texts[r.index]}\n{streams[r.index].text}")
 
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time()
         results = coord.generate(prompts, params, concurrency, on_token)
         wall = time.monotonic() - t0
         for r in results:
             r.text = tok.decode(r.tokens, skip_special_tokens=True)
-        summary = _summary(results, coord.stats(), wall)
+        stage_stats = coord.stats()
+        summary = _summary(results, stage_stats, wall)
+        if timeline_path:
+            from llc.timeline import render_timeline
+
+            events = {st.device: [{"rid": r, "step": k, "start": a, "end": b}
+                                  for r, k, a, b in st.events if a >= started]  # this run only
+                      for st in stage_stats}
+            timeline_path.write_text(render_timeline(
+                events, [st.device for st in stage_stats],
+                f"{len(results)} request(s), concurrency {concurrency}"))
+            click.echo(f"timeline: {timeline_path}", err=True)
         _print_summary(summary)
         if json_path:
             out = {"params": asdict(params), "concurrency": concurrency, "summary": summary,

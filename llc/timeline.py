@@ -25,6 +25,7 @@ def render_timeline(events: dict[str, list[dict]], order: list[str], title: str 
     width, left, row = 1100.0, 110.0, 34
     rids = sorted({e["rid"] for e in all_ev})
     colour = {rid: PALETTE[i % len(PALETTE)] for i, rid in enumerate(rids)}
+    number = {rid: i for i, rid in enumerate(rids)}  # request ids are long; show their order
     parts = []
     for r, dev in enumerate(order):
         y = 30 + r * row
@@ -35,14 +36,15 @@ def render_timeline(events: dict[str, list[dict]], order: list[str], title: str 
             kind = "prefill" if e["step"] == 0 else f"decode {e['step']}"
             parts.append(
                 f'<rect x="{x:.2f}" y="{y}" width="{w:.2f}" height="24" fill="{colour[e["rid"]]}">'
-                f'<title>request {e["rid"]} {kind}: {(e["end"] - e["start"]) * 1e3:.2f} ms</title></rect>')
+                f'<title>request {number[e["rid"]]} {kind}: {(e["end"] - e["start"]) * 1e3:.2f} ms</title></rect>')
     height = 30 + len(order) * row + 30
     for i in range(11):  # time axis
         x = left + i / 10 * (width - left)
         parts.append(f'<line x1="{x:.1f}" y1="24" x2="{x:.1f}" y2="{height - 24}" stroke="#ddd"/>'
                      f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle">'
                      f'{span * i / 10 * 1e3:.0f} ms</text>')
-    legend = " ".join(f'<span style="color:{colour[r]}">&#9632; request {r}</span>' for r in rids[:10])
+    legend = " ".join(f'<span style="color:{colour[r]}">&#9632; request {number[r]}</span>'
+                      for r in rids[:10])
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>llc timeline</title></head>'
             f'<body style="font:14px system-ui,sans-serif;margin:20px"><h3>llc pipeline timeline '
             f'<small style="color:#666">{escape(title)}</small></h3><p>{legend}</p>'

@@ -319,3 +319,25 @@ def test_targets_registry():
     assert isinstance(make_target("local"), LocalTarget)
     with pytest.raises(ValueError):
         make_target("nope")
+
+
+def test_timeline_picture_has_a_row_per_device_and_a_bar_per_step(tmp_path):
+    """`llc run --timeline` draws every step each device ran in this run."""
+    from llc.compiler import compile_model
+    from llc.profile import load_profile
+
+    build = tmp_path / "b"
+    profile = load_profile(write_profile(tmp_path / "p.yaml", 2, stages=2, base_port=free_port_range(2)))
+    compile_model(tiny_llama("legacy"), profile, build, quiet=True)
+    write_tokenizer(build / "tokenizer.json", 256)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w9 w11\nw7 w3\n")
+    out, res = tmp_path / "timeline.html", tmp_path / "run.json"
+    r = subprocess.run([sys.executable, "-m", "llc.cli", "run", str(build), "--prompts", str(prompts),
+                        "--concurrency", "2", "--max-new-tokens", "5", "--timeline", str(out),
+                        "--json", str(res)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    steps = sum(len(x["tokens"]) for x in json.loads(res.read_text())["results"])  # one step per token
+    html = out.read_text()
+    assert html.count("<rect") == 2 * steps  # one bar per step on each of the 2 devices
+    assert "dev0" in html and "dev1" in html and "request 1" in html
