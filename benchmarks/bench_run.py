@@ -551,6 +551,11 @@ def main() -> None:
         for r in rows:
             if r.get("pinned") and r["stages"] == 2 and r.get("scaling_4_vs_1"):
                 print(f"  2 stages pinned: c4/c1 {r['scaling_4_vs_1']:.2f} = {r['scaling_4_vs_1'] / ideal:.0%} of it")
+        pinned2 = [b / a for a, b in zip(tps.get((2, True, 1), []), tps.get((2, True, 4), []))]
+        if pinned2:
+            print("  per repetition (this machine's speed when both cores work comes and goes): 2 stages pinned "
+                  "c4/c1 " + " ".join(f"{x:.2f}" for x in pinned2) + "; ideal "
+                  + " ".join(f"{r['ideal_4_vs_1']:.2f}" for r in seg_runs))
         doc_ceiling = {**(doc_ceiling or {}), "segments": {"alone_ms": a, "together_ms": b, "ideal_4_vs_1": ideal,
                                                           "runs": seg_runs}}
     print()
