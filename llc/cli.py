@@ -69,7 +69,7 @@ def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool
     sig = state.signature
     click.echo(f"{model}: {len(state.model.graph.node)} nodes, {len(sig.kv) // 2} KV layers, "
                f"opset {max((o.version for o in state.model.opset_import if o.domain in ('', 'ai.onnx')), default='?')}")
-    click.echo(f"inputs: " + ", ".join(f"{n} ({r})" for n, r in sig.input_roles.items() if r != "kv")
+    click.echo("inputs: " + ", ".join(f"{n} ({r})" for n, r in sig.input_roles.items() if r != "kv")
                + f"; logits: {sig.logits}")
     hdr = f"{'block':<10}{'nodes':>7}{'params M':>10}{'weights MB':>12}{'GFLOP prefill':>15}" \
           f"{'MFLOP/token':>13}{'KV MB @ctx':>12}{'cut B/token':>13}"

@@ -56,6 +56,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int) -> int:
+    """A base port with n free ports after it (the profile numbers devices base_port + i)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
 def cut_model(model: onnx.ModelProto, num_stages: int, recompute_rotary: bool = False) -> list[StageCut]:
     """Which tensors each stage takes in and gives out, for contiguous layer ranges."""
     g = model.graph

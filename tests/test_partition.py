@@ -38,11 +38,9 @@ def random_tables(rng: random.Random, nb: int, nd: int, objective: str, stages=N
     )
 
 
-@pytest.mark.parametrize("objective", ["latency", "throughput"])
-@pytest.mark.parametrize("seed", range(8))
-def test_mip_matches_brute_force(objective, seed):
-    rng = random.Random(seed * 7 + (objective == "throughput"))
-    t = random_tables(rng, nb=rng.randint(3, 7), nd=rng.randint(1, 4), objective=objective)
+def assert_matches_brute_force(t: CostTables, objective: str, stages: int | None = None,
+                               rel: float = 1e-5) -> None:
+    """The MIP's plan is feasible and as good as the best of every contiguous split."""
     split, status, _ = solve(t)
     best, best_val = brute_force(t)
     if best is None:
@@ -51,7 +49,16 @@ def test_mip_matches_brute_force(objective, seed):
     assert split is not None, status
     got = evaluate(t, split)
     assert got.feasible
-    assert got.objective(objective) == pytest.approx(best_val, rel=1e-5, abs=1e-6)
+    assert stages is None or len(split.stages) == stages
+    assert got.objective(objective) == pytest.approx(best_val, rel=rel, abs=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("seed", range(8))
+def test_mip_matches_brute_force(objective, seed):
+    rng = random.Random(seed * 7 + (objective == "throughput"))
+    t = random_tables(rng, nb=rng.randint(3, 7), nd=rng.randint(1, 4), objective=objective)
+    assert_matches_brute_force(t, objective)
 
 
 def test_fixed_number_of_stages():
@@ -90,16 +97,7 @@ def test_model_like_instances_match_brute_force(objective, stages, seed):
     nb, nd = rng.randint(5, 9), rng.randint(2, 4)
     k = {None: None, "all": nd, "some": rng.randint(1, nd)}[stages]
     t = model_like_tables(rng, nb, nd, objective, k)
-    split, status, _ = solve(t)
-    best, best_val = brute_force(t)
-    if best is None:
-        assert split is None, "MIP found a plan where none fits"
-        return
-    assert split is not None, status
-    got = evaluate(t, split)
-    assert got.feasible
-    assert k is None or len(split.stages) == k
-    assert got.objective(objective) == pytest.approx(best_val, rel=1e-6)
+    assert_matches_brute_force(t, objective, stages=k, rel=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["latency", "throughput"])

@@ -13,7 +13,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 import zmq
 
 from conftest import write_profile
-from handmade_bundles import Reference, free_port, render, write_build, write_tokenizer
+from handmade_bundles import Reference, free_port_range, render, write_build, write_tokenizer
 from llc.coordinator import Coordinator, DeviceFailure, SamplingParams
 from llc.targets.base import TargetError, make_target
 from llc.targets.local import LocalTarget
@@ -100,18 +99,6 @@ def test_split_pipeline_matches_unsplit_greedy(model, reference, target, tmp_pat
         assert tail.device in head.bytes_sent
 
 
-def free_port_range(n: int) -> int:
-    """A base port with n free ports after it (the profile numbers devices base_port + i)."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for i in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
 
 
 @pytest.mark.parametrize("builder", [lambda: tiny_llama("legacy"), lambda: tiny_gpt2("dynamo")],

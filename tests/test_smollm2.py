@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_profile
-from handmade_bundles import Reference
+from handmade_bundles import Reference, free_port_range
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +45,6 @@ compile_model(Path(model), p, Path(out), workload=with_overrides(p.workload, sta
 """
 
 
-def free_port_range(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for i in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture(scope="module")
