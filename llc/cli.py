@@ -100,6 +100,9 @@ def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool
               help="Requests in flight (KV cache is reserved for each).")
 @click.option("--stages", type=click.IntRange(1), default=None,
               help="Exactly this many stages (default: the solver chooses).")
+@click.option("--split", "split", default=None, metavar="even|memory|FILE",
+              help="A fixed assignment instead of the MIP: the same number of blocks per device, blocks "
+                   "in proportion to memory, or a YAML file of {device, blocks: [first, last]} stages.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="Cut only between layers, or at every legal cut (half layers).")
@@ -107,7 +110,8 @@ def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool
 @click.option("-q", "--quiet", is_flag=True)
 @friendly
 def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens, max_context,
-                requests_in_flight, stages, no_simplify: bool, granularity: str, dump_after, quiet: bool) -> None:
+                requests_in_flight, stages, split, no_simplify: bool, granularity: str, dump_after,
+                quiet: bool) -> None:
     """Split MODEL across the devices in a profile and write per-device bundles to OUT."""
     from llc.compiler import compile_model, with_overrides
     from llc.profile import load_profile
@@ -122,7 +126,7 @@ def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens,
         raise LlcError(devices, f"prompt tokens ({wl.prompt_tokens}) must be below max context "
                                 f"({wl.max_context})")
     state, pm = compile_model(model, profile, out, workload=wl, simplify=not no_simplify,
-                              granularity=granularity, dump_after=set(dump_after), quiet=quiet)
+                              granularity=granularity, dump_after=set(dump_after), quiet=quiet, split=split)
     (Path(out) / "timings.json").write_text(json.dumps(
         {"passes": {t.name: round(t.seconds, 4) for t in pm.timings},
          "mip_seconds": round(state.plan.solve_seconds, 4)}, indent=1) + "\n")

@@ -17,12 +17,13 @@ from llc.passes.comm_map import CommMap
 from llc.passes.emit import Emit
 from llc.passes.load import Load
 from llc.passes.partition import Partition
+from llc.passes.past_length import PastLength
 from llc.passes.simplify import Simplify
 from llc.pipeline import PassManager
 from llc.profile import Profile, Workload
 
 # one explicit registry: name -> pass class (a test checks each key is the pass's own name)
-PASSES = {p.name: p for p in (Load, Simplify, AnnotateCost, Coarsen, Partition, CommMap, Emit)}
+PASSES = {p.name: p for p in (Load, Simplify, PastLength, AnnotateCost, Coarsen, Partition, CommMap, Emit)}
 
 
 def eos_ids_beside(model: Path) -> tuple[int, ...]:
@@ -38,7 +39,7 @@ def eos_ids_beside(model: Path) -> tuple[int, ...]:
 
 
 def analysis_passes(simplify: bool = True, granularity: str = "layer") -> list:
-    return [Load(), Simplify(enabled=simplify), AnnotateCost(), Coarsen(granularity=granularity)]
+    return [Load(), Simplify(enabled=simplify), PastLength(), AnnotateCost(), Coarsen(granularity=granularity)]
 
 
 def new_state(model: Path, profile: Profile, workload: Workload) -> CompileState:
@@ -49,12 +50,12 @@ def new_state(model: Path, profile: Profile, workload: Workload) -> CompileState
 def compile_model(model: Path, profile: Profile, out_dir: Path, *, workload: Workload | None = None,
                   simplify: bool = True, granularity: str = "layer", dump_after: set[str] = frozenset(),
                   quiet: bool = False, eos_token_ids: tuple[int, ...] | None = None,
-                  ) -> tuple[CompileState, PassManager]:
+                  split: str | None = None) -> tuple[CompileState, PassManager]:
     workload = workload or profile.workload
     eos = eos_token_ids if eos_token_ids is not None else eos_ids_beside(Path(model))
     pm = PassManager(
         passes=analysis_passes(simplify, granularity) + [
-            Partition(), CommMap(), Emit(out_dir=Path(out_dir), eos_token_ids=eos)],
+            Partition(split=split), CommMap(), Emit(out_dir=Path(out_dir), eos_token_ids=eos)],
         dump_after=set(dump_after),
         dump_dir=Path(out_dir).resolve().parent,
         progress=None if quiet else (lambda m: print(f"llc: {m}", file=sys.stderr, flush=True)),

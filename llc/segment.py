@@ -141,35 +141,6 @@ def _tensor_bytes(t: TensorProto, data_dir: Path, sources: dict) -> bytes | None
     return None  # typed fields (float_data, int64_data...): small, kept in the proto
 
 
-def redirect_kv_shape_reads(nodes: list[onnx.NodeProto], kv_inputs: set[str],
-                            types: dict[str, TensorInfo], where: str) -> list[onnx.NodeProto]:
-    """Point Shape/Size reads of a KV input this stage does not own at one it owns.
-
-    Some exporters (torch.export) read the shape of a later layer's cache early,
-    in the first layer. All caches of a decoder share their length, so the shape
-    of a same-typed cache this stage owns is the same value, and the foreign
-    cache never has to travel.
-    """
-    owned = [t for n in nodes if n.op_type not in ("Shape", "Size") for t in n.input if t in kv_inputs]
-    out = []
-    for n in nodes:
-        foreign = n.op_type in ("Shape", "Size") and n.input[0] in kv_inputs and n.input[0] not in owned
-        if not foreign:
-            out.append(n)
-            continue
-        want = types.get(n.input[0])
-        same = [o for o in owned if types.get(o) is not None and want is not None
-                and types[o].elem_type == want.elem_type and types[o].shape == want.shape]
-        if not same:
-            raise ValueError(f"{where} reads the shape of KV input {n.input[0]} but owns no cache "
-                             f"of the same type")
-        copy = onnx.NodeProto()
-        copy.CopyFrom(n)
-        copy.input[0] = same[0]
-        out.append(copy)
-    return out
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -65,8 +65,8 @@ def legal_cuts(model: onnx.ModelProto, cls: dict[str, str], kv_inputs: set[str])
                 if last > i:  # crosses cuts i+1 .. last
                     delta[i + 1] += 1
                     delta[last + 1] -= 1
-    for name in kv_inputs:  # reads of a cache's shape alone are redirected by emit
-        users = [u for u in cons.get(name, []) if g.node[u].op_type not in SHAPE_OPS]
+    for name in kv_inputs:  # past-length left only shape reads it could not rebuild: they count
+        users = cons.get(name, [])
         if users and max(users) > min(users):
             kv_block[min(users) + 1] += 1
             kv_block[max(users) + 1] -= 1

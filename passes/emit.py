@@ -33,8 +33,7 @@ import llc
 from llc.ir import CompileState
 from llc.passes.comm_map import link_bytes, stage_of_nodes
 from llc.report import render_report
-from llc.segment import (const_closure, redirect_kv_shape_reads, segment_io, sha256_file,
-                         write_segment)
+from llc.segment import const_closure, segment_io, sha256_file, write_segment
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 FORMAT = 1
@@ -127,8 +126,7 @@ class Emit:
             ddir.mkdir(parents=True)
             own = [i for i in range(len(g.node)) if stage[i] == s.index]
             indices = sorted(set(own) | set(const_closure(state.model, own, const)))
-            nodes = redirect_kv_shape_reads([g.node[i] for i in indices], sig.kv_inputs,
-                                            state.tensors, f"stage {s.index}")
+            nodes = [g.node[i] for i in indices]
             exported = {t for dst in sends[s.index].values() for t in dst}
             io = segment_io(state.model, nodes, exported)
             seg_io[s.index] = io

@@ -1,7 +1,8 @@
 """load: read the ONNX model lazily and find what its inputs and outputs are for.
 
 before: a path to ``model.onnx`` (+ external data beside it)
-after:  ``state.model`` without weight bytes loaded (external tensors stay
+after:  ``state.model`` with model-local functions inlined, Constant nodes in
+        their tensor form, and without weight bytes loaded (external tensors stay
         references into ``state.data_dir``), ``state.signature`` (token input,
         KV-cache bindings, logits), ``state.tensors`` (symbolic types).
 
@@ -46,6 +47,45 @@ def read_model(path: Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None
+    return model
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Expand calls of model-local functions (onnxscript writes a layer as one call node).
+
+    Cuts fall between nodes, so a layer hidden in a function would be one uncuttable
+    node; after inlining it is ordinary nodes. Weights are not touched (external
+    tensors stay references).
+    """
+    if not model.functions:
+        return model
+    import onnx.inliner
+
+    return onnx.inliner.inline_local_functions(model)
+
+
+_CONSTANT_KINDS = {"value_float": (onnx.TensorProto.FLOAT, False), "value_floats": (onnx.TensorProto.FLOAT, True),
+                   "value_int": (onnx.TensorProto.INT64, False), "value_ints": (onnx.TensorProto.INT64, True)}
+
+
+def constants_as_tensors(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes with ``value_float(s)``/``value_int(s)`` rewritten to the ``value`` tensor form.
+
+    onnxscript writes the short forms; onnxruntime's symbolic shape inference
+    (annotate-cost) only reads ``value``. Same values, same dtype.
+    """
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in list(node.attribute):
+            kind = _CONSTANT_KINDS.get(attr.name)
+            if kind is None:
+                continue
+            value = onnx.helper.get_attribute_value(attr)
+            dims = [len(value)] if kind[1] else []
+            tensor = onnx.helper.make_tensor(node.output[0], kind[0], dims, value if kind[1] else [value])
+            node.attribute.remove(attr)
+            node.attribute.append(onnx.helper.make_attribute("value", tensor))
     return model
 
 
@@ -148,7 +188,7 @@ class Load:
     name: ClassVar[str] = "load"
 
     def run(self, state: CompileState) -> CompileState:
-        state.model = read_model(state.source)
+        state.model = constants_as_tensors(inline_functions(read_model(state.source)))
         state.data_dir = state.source.parent
         state.signature = detect_signature(state.model, state.source)
         state.tensors = value_infos(state.model)

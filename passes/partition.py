@@ -52,13 +52,16 @@ import bisect
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import mip
 import mip.cbc
+import yaml
 
-from llc.costmodel import EPS, TIE, MIB, TOKEN_BYTES, CostTables, Split, build_tables, evaluate
-from llc.errors import DoesNotFit
+from llc.costmodel import (EPS, MIB, TIE, TOKEN_BYTES, CostTables, Split, build_tables, evaluate,
+                           even_split, memory_proportional_split)
+from llc.errors import DoesNotFit, LlcError
 from llc.ir import CompileState, Plan, StagePlan
 
 
@@ -248,14 +251,80 @@ def plan_from_split(t: CostTables, split: Split, status: str, seconds: float) ->
                 solve_seconds=seconds, solver_status=status)
 
 
+def fixed_split(t: CostTables, how: str, where: str) -> Split:
+    """A split the user fixes: ``even`` or ``memory`` (the baselines other tools use, over the
+    profile's devices in order, or its first ``stages``), or a YAML file naming each stage's
+    device and blocks::
+
+        stages:
+          - {device: phone1, blocks: [embed, layer 9]}   # first and last block, by label or index
+          - {device: phone2, blocks: [layer 10, head]}
+    """
+    k = min(t.stages or len(t.devices), len(t.mem))
+    if how == "even":
+        return even_split(t, list(range(k)))
+    if how == "memory":
+        return memory_proportional_split(t, list(range(k)))
+    return read_split_file(Path(how), t)
+
+
+def read_split_file(path: Path, t: CostTables) -> Split:
+    """Stages from a split file; every problem is one line naming the file."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise LlcError(path, f"cannot read split file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise LlcError(path, f"YAML syntax error: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or set(doc) != {"stages"} or not isinstance(doc["stages"], list) \
+            or not doc["stages"]:
+        raise LlcError(path, "expected one key, stages: a list of {device, blocks: [first, last]}")
+    names = [d.name for d in t.devices]
+    label_index = {label: i for i, label in enumerate(t.labels)}
+    stages, expect = [], 0
+    for n, st in enumerate(doc["stages"]):
+        if not isinstance(st, dict) or set(st) != {"device", "blocks"}:
+            raise LlcError(path, f"stages[{n}]: expected keys device and blocks")
+        if st["device"] not in names:
+            raise LlcError(path, f"stages[{n}].device: {st['device']!r} is not in the profile")
+        ends = st["blocks"] if isinstance(st["blocks"], list) else [st["blocks"]] * 2
+        try:
+            first, last = (b if isinstance(b, int) else label_index[b] for b in ends)
+        except (KeyError, ValueError, TypeError):
+            raise LlcError(path, f"stages[{n}].blocks: expected [first, last] as indices or labels "
+                                 f"({', '.join(t.labels)}), got {st['blocks']!r}") from None
+        if first != expect or last < first or last >= len(t.labels):
+            raise LlcError(path, f"stages[{n}].blocks: stages must cover blocks 0..{len(t.labels) - 1} "
+                                 f"in order; this one should start at {t.labels[min(expect, len(t.labels) - 1)]}")
+        stages.append((names.index(st["device"]), first, last))
+        expect = last + 1
+    if expect != len(t.labels):
+        raise LlcError(path, f"stages end at block {expect - 1}; the model has {len(t.labels)} "
+                             f"(last: {t.labels[-1]})")
+    if len({d for d, _, _ in stages}) != len(stages):
+        raise LlcError(path, "a device appears in more than one stage")
+    return Split(tuple(stages))
+
+
 @dataclass(frozen=True)
 class Partition:
     name: ClassVar[str] = "partition"
     time_limit: float = 60.0
+    split: str | None = None  # None: the MIP; else even | memory | a split file (see fixed_split)
 
     def run(self, state: CompileState) -> CompileState:
         t = build_tables(state.blocks, state.profile, state.workload)
         where = str(state.profile.path)
+        if self.split is not None:
+            split = fixed_split(t, self.split, where)
+            cost = evaluate(t, split)
+            if not cost.feasible:
+                over = [t.devices[d].name for k, (d, _, _) in enumerate(split.stages)
+                        if cost.need_bytes[k] - t.overhead_bytes > t.capacity[d] + 1e-6]
+                raise DoesNotFit(where, f"the {self.split} split does not fit: stage(s) on "
+                                        f"{', '.join(over)} need more memory than the device has")
+            state.plan = plan_from_split(t, split, f"fixed ({self.split})", 0.0)
+            return state
         check_fits(t, where)
         split, status, seconds = solve(t, self.time_limit)
         if split is None and t.stages is not None:

@@ -7,10 +7,12 @@ batch, seq and past), so tests exercise the graphs a real model gives in
 milliseconds. The export code is the one examples/smollm2/export.py uses for
 the real model, so both follow the same convention by construction.
 
-Both torch exporters are offered: the legacy TorchScript one (``/model/layers.0/
-self_attn/MatMul_output_0``-style tensor names) and the torch.export based one,
-"dynamo" (``matmul_3``-style names, layer path only in node metadata
-``pkg.torch.onnx.name_scopes``); the compiler must cope with either.
+Exporters (the compiler must cope with each): torch.onnx's legacy TorchScript
+one (``/model/layers.0/self_attn/MatMul_output_0``-style names); the torch.export
+based one, "dynamo", with every input axis its own symbol (``s10``, ``s43``...)
+and the onnxscript optimizer, or "dynamo-plain" without it (``matmul_3``-style
+names, layer path only in node metadata); and for LLaMA, "onnxscript": a model
+written by hand with onnxscript functions (tests/onnxscript_llama.py).
 
 Models are deterministic (fixed seeds) and cached under ``$LLC_TEST_MODELS``
 (default ``~/.cache/llc/test-models``). A model is built once, into a temporary
@@ -29,8 +31,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-VERSION = 1
-EXPORTERS = ("legacy", "dynamo")
+VERSION = 2
+EXPORTERS = ("legacy", "dynamo", "dynamo-plain", "onnxscript")
 _EXPORT_PY = Path(__file__).resolve().parents[1] / "examples" / "smollm2" / "export.py"
 
 
@@ -42,6 +44,11 @@ def cache_dir() -> Path:
 def tiny_llama(exporter: str = "legacy", external_data: bool = False) -> Path:
     """Llama: RMSNorm, rotary positions, grouped-query attention (4 heads, 2 KV heads), SwiGLU MLP."""
     return _build("tiny-llama", exporter, external_data)
+
+
+def tiny_llama_tied(exporter: str = "dynamo") -> Path:
+    """Two LLaMA layers with the embedding tied to the LM head (shared by the first and last block)."""
+    return _build("tiny-llama-tied", exporter, False)
 
 
 def tiny_gpt2(exporter: str = "legacy", external_data: bool = False) -> Path:
@@ -65,6 +72,11 @@ def torch_model(name: str):
             vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False))
+    elif name == "tiny-llama-tied":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True))
     elif name == "tiny-gpt2":
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=512,
@@ -94,16 +106,24 @@ def _build(name: str, exporter: str, external_data: bool) -> Path:
     if (folder / "generation.json").exists():  # written last: present means complete
         return folder / "model.onnx"
 
-    ex = export_module()
-    model = torch_model(name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        ex.export_decoder(model, tmp / "model.onnx", exporter, external_data=external_data)
-        diffs = ex.verify(model, tmp / "model.onnx")
-        if max(diffs.values()) > ex.TOLERANCE:
-            raise AssertionError(f"{name} ({exporter}) differs from torch: {diffs}")
-        gen = {"eos_token_ids": [model.config.eos_token_id], "bos_token_id": model.config.bos_token_id}
+        if exporter == "onnxscript":
+            if name != "tiny-llama" or external_data:
+                raise ValueError("the onnxscript model is tiny-llama with its weights inside")
+            import onnxscript_llama
+
+            onnxscript_llama.build(tmp / "model.onnx")
+            gen = {"eos_token_ids": [2], "bos_token_id": 1}
+        else:
+            ex = export_module()
+            model = torch_model(name)
+            ex.export_decoder(model, tmp / "model.onnx", exporter, external_data=external_data)
+            diffs = ex.verify(model, tmp / "model.onnx")
+            if max(diffs.values()) > ex.TOLERANCE:
+                raise AssertionError(f"{name} ({exporter}) differs from torch: {diffs}")
+            gen = {"eos_token_ids": [model.config.eos_token_id], "bos_token_id": model.config.bos_token_id}
         (tmp / "generation.json").write_text(json.dumps(gen, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         try:

@@ -1,4 +1,4 @@
-"""llc compile + llc verify on tiny decoders of two architectures from two exporters.
+"""llc compile + llc verify on tiny decoders: two architectures, four exporters, 1-4 stages.
 
 The contract is numerical: every stage split of a model must reproduce the
 unsplit model's logits and present.* outputs in onnxruntime (prefill with an
@@ -11,58 +11,96 @@ import json
 
 import onnx
 import pytest
+import yaml
 
 from conftest import write_profile
 from llc.compiler import PASSES, compile_model
 from llc.profile import load_profile
 from llc.verify import verify_build
-from models import tiny_gpt2, tiny_llama
+from models import tiny_gpt2, tiny_llama, tiny_llama_tied
 
+# name -> (builder, number of layers)
 BUILDERS = {
-    "llama-legacy": lambda: tiny_llama("legacy"),
-    "llama-dynamo": lambda: tiny_llama("dynamo"),
-    "gpt2-legacy": lambda: tiny_gpt2("legacy"),
-    "gpt2-dynamo": lambda: tiny_gpt2("dynamo"),
+    "llama-legacy": (lambda: tiny_llama("legacy"), 4),
+    "llama-dynamo": (lambda: tiny_llama("dynamo"), 4),
+    "llama-dynamo-plain": (lambda: tiny_llama("dynamo-plain"), 4),
+    "llama-onnxscript": (lambda: tiny_llama("onnxscript"), 4),
+    "llama-tied-dynamo": (lambda: tiny_llama_tied("dynamo"), 2),
+    "gpt2-legacy": (lambda: tiny_gpt2("legacy"), 4),
+    "gpt2-dynamo": (lambda: tiny_gpt2("dynamo"), 4),
+    "gpt2-dynamo-plain": (lambda: tiny_gpt2("dynamo-plain"), 4),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_layers_found_whatever_the_exporter(name):
-    """Structure, not names: every export yields embed, 4 layers, head; one KV pair per layer."""
+    """Structure, not names: every export yields embed, its layers, head; one KV pair per layer."""
     from llc.compiler import analysis_passes, new_state
     from llc.pipeline import PassManager
     from llc.profile import Workload
 
-    state = PassManager(analysis_passes()).run(new_state(BUILDERS[name](), None, Workload(16, 128)))
+    builder, layers = BUILDERS[name]
+    state = PassManager(analysis_passes()).run(new_state(builder(), None, Workload(16, 128)))
     labels = [b.label for b in state.blocks]
-    assert labels == ["embed", "layer 0", "layer 1", "layer 2", "layer 3", "head"]
-    assert len(state.signature.kv) == 8
+    assert labels == ["embed"] + [f"layer {i}" for i in range(layers)] + ["head"]
+    assert len(state.signature.kv) == 2 * layers
     per_layer_kv = [b.kv_bytes for b in state.blocks if b.kind == "layer"]
     assert len(set(per_layer_kv)) == 1 and per_layer_kv[0] > 0
     layer_flops = [b.flops_decode for b in state.blocks if b.kind == "layer"]
-    assert max(layer_flops) == pytest.approx(min(layer_flops), rel=0.05)
+    assert min(layer_flops) > 0 and max(layer_flops) == pytest.approx(min(layer_flops), rel=0.05)
+
+
+def check_build(build, model) -> None:
+    """Every graph output made by exactly one valid segment, no cache read on two stages, split == unsplit."""
+    plan = json.loads((build / "plan.json").read_text())
+    outputs = [o for s in plan["stages"] for o in s["outputs"]]
+    originals = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
+    for o in originals:
+        assert outputs.count(o) == 1, o
+    kv_readers: dict[str, int] = {}
+    for s in plan["stages"]:
+        onnx.checker.check_model(str(build / s["segment"]))
+        manifest = json.loads((build / s["manifest"]).read_text())
+        for i in manifest["inputs"]:
+            if i["name"].startswith("past_key_values") or i["source"] == "kv":
+                kv_readers[i["name"]] = kv_readers.get(i["name"], 0) + 1
+                assert i["source"] == "kv", i  # a cache is never sent
+    assert kv_readers and max(kv_readers.values()) == 1, kv_readers
+    diffs = verify_build(build)
+    assert {d.step for d in diffs} == {"prefill", "decode"}
+    assert len(diffs) == 2 * len(originals)
+    worst = max(d.max_abs_diff for d in diffs)
+    assert worst <= 1e-4, diffs
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_split_equals_unsplit(tmp_path, name, stages):
-    model = BUILDERS[name]()
+    model = BUILDERS[name][0]()
     profile = load_profile(write_profile(tmp_path / "p.yaml", 4, stages=stages))
-    state, _ = compile_model(model, profile, tmp_path / "build", quiet=True)
-    plan = json.loads((tmp_path / "build" / "plan.json").read_text())
-    assert len(plan["stages"]) == stages
-    # contract: original graph outputs each made by exactly one segment, names kept
-    outputs = [o for s in plan["stages"] for o in s["outputs"]]
-    originals = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
-    for o in originals:
-        assert outputs.count(o) == 1, o
-    for s in plan["stages"]:
-        onnx.checker.check_model(str(tmp_path / "build" / s["segment"]))
-    diffs = verify_build(tmp_path / "build")
-    assert {d.step for d in diffs} == {"prefill", "decode"}
-    assert len(diffs) == 2 * len(originals)
-    worst = max(d.max_abs_diff for d in diffs)
-    assert worst <= 1e-4, diffs
+    compile_model(model, profile, tmp_path / "build", quiet=True)
+    assert len(json.loads((tmp_path / "build" / "plan.json").read_text())["stages"]) == stages
+    check_build(tmp_path / "build", model)
+
+
+@pytest.mark.parametrize("shape", ["embed|layers|head", "embed|layers|layers|head", "embed+layer|rest"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_lone_embedding_and_lone_head_stages(tmp_path, name, shape):
+    """A stage with only the embedding owns no cache, one with only the head reads no layer:
+    both must still know the past length (from the mask) and give split == unsplit."""
+    model, layers = BUILDERS[name][0](), BUILDERS[name][1]
+    last = f"layer {layers - 1}"
+    ranges = {"embed|layers|head": [["embed", "embed"], ["layer 0", last], ["head", "head"]],
+              "embed|layers|layers|head": [["embed", "embed"], ["layer 0", "layer 0"], ["layer 1", last],
+                                           ["head", "head"]],
+              "embed+layer|rest": [["embed", "layer 0"], ["layer 1", "head"]]}[shape]
+    split = tmp_path / "split.yaml"
+    split.write_text(yaml.safe_dump({"stages": [{"device": f"dev{i}", "blocks": r} for i, r in enumerate(ranges)]}))
+    profile = load_profile(write_profile(tmp_path / "p.yaml", 4))
+    state, _ = compile_model(model, profile, tmp_path / "build", quiet=True, split=str(split))
+    assert [(s.first_block, s.last_block) for s in state.plan.stages] == \
+        [tuple(state.blocks.index(next(b for b in state.blocks if b.label == x)) for x in r) for r in ranges]
+    check_build(tmp_path / "build", model)
 
 
 def test_kv_cache_never_crosses_devices(tmp_path):
@@ -95,7 +133,7 @@ def test_skip_tensors_go_straight_to_their_reader(tmp_path):
         for i in m["inputs"]:
             if i["source"] == "stage":
                 assert i["from_stage"] == made_on[i["name"]]
-    m0 = json.loads((tmp_path / "b" / "devices" / "dev0" / "manifest.json").read_text())
+    m0 = json.loads((tmp_path / "b" / plan["stages"][0]["manifest"]).read_text())
     assert len({s["to"] for s in m0["sends"]}) >= 2
 
 
@@ -128,7 +166,7 @@ def test_keys_are_per_build_and_per_device(tmp_path):
 def test_pass_registry_names_match():
     for key, cls in PASSES.items():
         assert key == cls.name
-    assert list(PASSES) == ["load", "simplify", "annotate-cost", "coarsen", "partition",
+    assert list(PASSES) == ["load", "simplify", "past-length", "annotate-cost", "coarsen", "partition",
                             "comm-map", "emit"]
 
 

