@@ -11,9 +11,17 @@ Per phone the lab makes:
     bridge `<name>br0` (<subnet>.1), so phones reach the host and each other;
   - a tbf rate limit on both ends of that veth (host side shapes host->phone,
     phone side shapes phone->anything); netem is not in this kernel;
-  - a cgroup v1 CPU quota `/sys/fs/cgroup/cpu/<name>-lab/<phone>` (period
-    100000 us), joined before adbd starts so everything `adb shell` runs is
-    throttled too;
+  - a slower CPU: the phone is pinned to one core of this machine (cgroup v1
+    cpuset `<name>-lab/<phone>`), and a CFS quota with a *short* period
+    (`cpu/<name>-lab/<phone>`: 1 ms of CPU every 1/cpu ms, so 1 ms per 4 ms
+    for cpu=0.25) slows a step of a few ms as much as a long run. A long
+    period would be a budget, not a slower CPU: a pipeline stage that works
+    a few ms and then waits for its neighbours would never reach it and run
+    at full speed. Phones share a core only while their cpu adds up to at
+    most 1, so one phone never runs on another's time, and the lab's
+    cgroup outweighs the host's own processes (cpu.shares), so a busy host
+    does not slow the phones. Both are joined before adbd starts, so
+    everything `adb shell` runs is slowed too;
   - a private mount namespace in which a per-phone folder is bind-mounted on
     /data/local/tmp, the folder phones let `adb push` write to.
 
@@ -46,7 +54,9 @@ import yaml
 
 ADBD = "/usr/lib/android-sdk/platform-tools/adbd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-CFS_PERIOD_US = 100_000
+CGROUP_CPUSET = Path("/sys/fs/cgroup/cpuset")
+MIN_QUOTA_US = 1000  # the kernel's least CFS quota (and period)
+LAB_CPU_SHARES = 8192  # the lab's weight against the host's processes (each 1024)
 ADBD_PORT = 5555
 DEVICE_TMP = Path("/data/local/tmp")  # what phones expose to `adb push`
 DEFAULT_STATE_DIR = "/tmp/llc-lab"
@@ -54,7 +64,8 @@ DEFAULT_ADB_PORT = 5137  # not 5037: never share the user's adb server
 GFLOPS_PER_CORE = 8.0  # rough fp32 onnxruntime speed of one host core, for devices.yaml only
 
 # The script run (via `unshare --mount --uts`) in front of adbd. It joins the
-# cgroup first, so adbd and every process it spawns are throttled; then
+# cgroups first (cpu quota, then cpuset), so adbd and every process it spawns are
+# slowed and pinned; then
 # bind-mounts the phone's folder on /data/local/tmp inside the private mount
 # namespace and names the host after the phone (logs say which phone); then
 # enters the network namespace and execs adbd. Arguments, not string
@@ -62,11 +73,12 @@ GFLOPS_PER_CORE = 8.0  # rough fp32 onnxruntime speed of one host core, for devi
 _LAUNCH = r"""
 set -e
 echo $$ > "$1"
-mount --bind "$2" /data/local/tmp
-hostname "$4" || true
+echo $$ > "$2"
+mount --bind "$3" /data/local/tmp
+hostname "$5" || true
 cd /
-netns=$3
-shift 4
+netns=$4
+shift 5
 exec nsenter --net="$netns" "$@"
 """
 
@@ -80,7 +92,7 @@ class PhoneSpec:
     """What one emulated phone should look like."""
 
     name: str | None = None  # default: phone<i>, i = 1..N
-    cpu: float = 1.0  # cores (cfs quota / period); 0.25 = a quarter of a core
+    cpu: float = 1.0  # speed as a share of one core of this machine, 0 < cpu <= 1
     rate: str = "100mbit"  # tc rate of its link, each direction
     memory_mb: int = 2000  # only reported in devices.yaml: the lab does not limit memory
 
@@ -95,12 +107,14 @@ class Phone:
     serial: str  # host:port, what `adb -s` takes
     cpu: float
     cpu_quota_us: int
+    cpu_period_us: int
+    core: int  # the core of this machine it runs on
     rate: str
     rate_bps: int
     memory_mb: int
     netns: str
     veth: str  # host side of its link
-    cgroup: str
+    cgroup: str  # its cpu cgroup (the cpuset one has the same name)
     data_dir: str  # host folder that is /data/local/tmp on the phone
     pid: int  # adbd (unshare, sh and nsenter all exec into it)
 
@@ -132,10 +146,42 @@ def _run(args: list[str], timeout: float = 30, check: bool = True, **kw) -> subp
 
 
 def _pids_of_cgroup(cgroup: Path) -> set[int]:
-    try:
-        return {int(p) for p in (cgroup / "cgroup.procs").read_text().split()}
-    except OSError:
-        return set()
+    """Processes in a cgroup and all of its descendants."""
+    pids: set[int] = set()
+    for folder in [cgroup, *(p for p in cgroup.rglob("*") if p.is_dir())] if cgroup.is_dir() else []:
+        try:
+            pids |= {int(p) for p in (folder / "cgroup.procs").read_text().split()}
+        except OSError:
+            pass
+    return pids
+
+
+def cpu_quota(cpu: float) -> tuple[int, int]:
+    """(quota, period) in us: MIN_QUOTA_US of CPU every MIN_QUOTA_US / cpu.
+
+    The shortest period the kernel allows for the share: a throttled stretch is
+    then at most a few ms, so a short burst of work is slowed like a long one.
+    """
+    period = max(MIN_QUOTA_US, round(MIN_QUOTA_US / cpu))
+    return max(MIN_QUOTA_US, round(cpu * period)), period
+
+
+def assign_cores(cpus: list[float], cores: list[int]) -> list[int]:
+    """A core per phone, first fit from the fastest phone, so that no core holds more than 1.0.
+
+    A phone then never competes with another one for CPU: each gets its share
+    whatever the others do, like separate devices.
+    """
+    free = {c: 1.0 for c in cores}
+    out = [0] * len(cpus)
+    for i in sorted(range(len(cpus)), key=lambda i: -cpus[i]):
+        core = next((c for c in cores if free[c] + 1e-9 >= cpus[i]), None)
+        if core is None:
+            raise LabError(f"phones with cpu {', '.join(f'{c:g}' for c in cpus)} need more than this machine's "
+                           f"{len(cores)} core(s): each core holds phones adding up to at most 1.0")
+        free[core] -= cpus[i]
+        out[i] = core
+    return out
 
 
 def _pids_of_netns(netns: str) -> set[int]:
@@ -208,6 +254,7 @@ class Lab:
         self.subnet = subnet
         self.bridge = f"{name}br0"
         self.cgroup = CGROUP_CPU / f"{name}-lab"
+        self.cpuset = CGROUP_CPUSET / f"{name}-lab"
         self.phones: list[Phone] = []
 
     # ---- adb -------------------------------------------------------------
@@ -243,16 +290,17 @@ class Lab:
         if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}", n) for n in names):
             raise LabError(f"phone names must be unique hostnames (letters, digits, '-'; 1-32): {names}")
         for s in specs:
-            if not s.cpu > 0:
-                raise LabError(f"cpu {s.cpu}: must be > 0 (cores)")
+            if not 0 < s.cpu <= 1:
+                raise LabError(f"cpu {s.cpu}: must be > 0 and at most 1 (a share of one core)")
             parse_rate(s.rate)
+        cores = assign_cores([s.cpu for s in specs], sorted(os.sched_getaffinity(0)))
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.phones = []
         try:
             self._make_shared()
-            for i, (spec, name) in enumerate(zip(specs, names), 1):
-                self.phones.append(self._make_phone(i, name, spec))
+            for i, (spec, name, core) in enumerate(zip(specs, names, cores), 1):
+                self.phones.append(self._make_phone(i, name, spec, core))
                 self._save()
             self.adb("start-server", timeout=30)
             for phone in self.phones:
@@ -269,13 +317,17 @@ class Lab:
         _run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         self.cgroup.mkdir(exist_ok=True)
+        (self.cgroup / "cpu.shares").write_text(str(LAB_CPU_SHARES))
+        self.cpuset.mkdir(exist_ok=True)  # a cpuset needs its cpus and mems before it takes tasks
+        for key in ("cpuset.cpus", "cpuset.mems"):
+            (self.cpuset / key).write_text((CGROUP_CPUSET / key).read_text())
         # The bind mount needs a mount point on the host's file system; an empty
         # folder there is harmless, and `down` removes it again if we made it.
         if not DEVICE_TMP.exists():
             DEVICE_TMP.mkdir(parents=True)
             (self.state_dir / "made-data-dir").write_text(str(DEVICE_TMP))
 
-    def _make_phone(self, i: int, name: str, spec: PhoneSpec) -> Phone:
+    def _make_phone(self, i: int, name: str, spec: PhoneSpec, core: int) -> Phone:
         netns = f"{self.name}-{name}"
         veth, peer = f"{self.name}-{i}h", f"{self.name}-{i}p"
         address = f"{self.subnet}.{10 + i}"
@@ -297,21 +349,27 @@ class Lab:
 
         cgroup = self.cgroup / name
         cgroup.mkdir(exist_ok=True)
-        quota = max(1000, round(spec.cpu * CFS_PERIOD_US))
-        (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-        (cgroup / "cpu.cfs_quota_us").write_text(str(quota))
+        quota, period = cpu_quota(spec.cpu)
+        (cgroup / "cpu.cfs_period_us").write_text(str(period))
+        (cgroup / "cpu.cfs_quota_us").write_text(str(quota if spec.cpu < 1 else -1))
+        cpuset = self.cpuset / name
+        cpuset.mkdir(exist_ok=True)
+        (cpuset / "cpuset.cpus").write_text(str(core))
+        (cpuset / "cpuset.mems").write_text((self.cpuset / "cpuset.mems").read_text())
 
         phone_dir = self.state_dir / name
         data_dir = phone_dir / "data-local-tmp"
         data_dir.mkdir(parents=True, exist_ok=True)
-        pid = self._start_adbd(name, address, cgroup, data_dir, netns, phone_dir / "adbd.log")
+        pid = self._start_adbd(name, address, cgroup, cpuset, data_dir, netns, phone_dir / "adbd.log")
         return Phone(
             name=name, index=i, address=address, serial=f"{address}:{ADBD_PORT}",
-            cpu=spec.cpu, cpu_quota_us=quota, rate=spec.rate, rate_bps=rate_bps, memory_mb=spec.memory_mb,
+            cpu=spec.cpu, cpu_quota_us=quota, cpu_period_us=period, core=core, rate=spec.rate, rate_bps=rate_bps,
+            memory_mb=spec.memory_mb,
             netns=netns, veth=veth, cgroup=str(cgroup), data_dir=str(data_dir), pid=pid,
         )
 
-    def _start_adbd(self, name: str, address: str, cgroup: Path, data_dir: Path, netns: str, log: Path) -> int:
+    def _start_adbd(self, name: str, address: str, cgroup: Path, cpuset: Path, data_dir: Path, netns: str,
+                    log: Path) -> int:
         """Start adbd detached (it outlives `llc lab up`) with a clean, phone-like environment.
 
         adbd hands its own environment to every `adb shell`, so it gets a small
@@ -331,7 +389,7 @@ class Lab:
         args = [
             "unshare", "--mount", "--uts", "--propagation", "private", "--",
             "sh", "-c", _LAUNCH, "llc-lab-launch",
-            str(cgroup / "cgroup.procs"), str(data_dir), f"/run/netns/{netns}", name,
+            str(cgroup / "cgroup.procs"), str(cpuset / "cgroup.procs"), str(data_dir), f"/run/netns/{netns}", name,
             ADBD,
         ]
         with open(log, "ab") as out:
@@ -437,10 +495,7 @@ class Lab:
         pids = {p.pid for p in self.phones if _alive(p.pid)}
         for n in mine:
             pids |= _pids_of_netns(n)
-        if self.cgroup.is_dir():
-            for sub in self.cgroup.iterdir():
-                if sub.is_dir():
-                    pids |= _pids_of_cgroup(sub)
+        pids |= _pids_of_cgroup(self.cgroup) | _pids_of_cgroup(self.cpuset)
         pids.discard(os.getpid())
         _kill_all(pids)
 
@@ -451,11 +506,11 @@ class Lab:
                 _run(["ip", "link", "del", link.name], check=False, timeout=10)
         if Path(f"/sys/class/net/{self.bridge}").exists():
             _run(["ip", "link", "del", self.bridge], timeout=10)
-        if self.cgroup.is_dir():
-            for sub in self.cgroup.iterdir():
-                if sub.is_dir():
+        for root in (self.cgroup, self.cpuset):
+            if root.is_dir():
+                for sub in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                     _rmdir_cgroup(sub)
-            _rmdir_cgroup(self.cgroup)
+                _rmdir_cgroup(root)
 
         marker = self.state_dir / "made-data-dir"
         other_labs = [p for p in CGROUP_CPU.glob("*-lab") if p != self.cgroup]
@@ -495,8 +550,9 @@ def _preflight() -> None:
         missing.append(ADBD)
     if missing:
         raise LabError(f"missing {', '.join(missing)}: run scripts/install-lab-deps.sh")
-    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
-        raise LabError(f"no cgroup v1 cpu controller at {CGROUP_CPU}")
+    for controller, probe in ((CGROUP_CPU, "cpu.cfs_quota_us"), (CGROUP_CPUSET, "cpuset.cpus")):
+        if not (controller / probe).exists():
+            raise LabError(f"no cgroup v1 {controller.name} controller at {controller}")
 
 
 # ---- CLI -----------------------------------------------------------------
@@ -523,7 +579,8 @@ _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default
 
 @lab.command("up")
 @click.option("--phones", "n", type=click.IntRange(1, 200), default=2, show_default=True)
-@click.option("--cpu", default="1", show_default=True, help="Cores per phone, e.g. 1,0.5,0.25.")
+@click.option("--cpu", default="1", show_default=True,
+              help="Speed per phone as a share of one core, e.g. 1,0.5,0.25.")
 @click.option("--rate", default="100mbit", show_default=True, help="Link rate per phone (tc syntax), e.g. 200mbit,50mbit.")
 @click.option("--names", default=None, help="Phone names, comma-separated (default phone1, phone2, ...).")
 @click.option("--adb-port", default=DEFAULT_ADB_PORT, show_default=True, help="The lab's private adb server port.")
@@ -541,9 +598,9 @@ def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
         phones = the_lab.up(specs)
     except LabError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us)':<24} {'rate':<10} /data/local/tmp is")
+    click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us, core)':<30} {'rate':<10} /data/local/tmp is")
     for p in phones:
-        click.echo(f"{p.name:<12} {p.serial:<18} {f'{p.cpu} ({p.cpu_quota_us}/{CFS_PERIOD_US})':<24} "
+        click.echo(f"{p.name:<12} {p.serial:<18} {f'{p.cpu} ({p.cpu_quota_us}/{p.cpu_period_us}, {p.core})':<30} "
                    f"{p.rate:<10} {p.data_dir}")
     click.echo(f"state: {Path(state_dir) / 'lab.json'}   profile: {Path(state_dir) / 'devices.yaml'}")
     click.echo(f"adb:   export ADB_SERVER_SOCKET=tcp:localhost:{adb_port}   (or adb -P {adb_port} ...)")

@@ -6,8 +6,12 @@ numpy + onnxruntime, the network probe only the standard library, so it runs
 wherever the launcher can.
 
     python3 probe.py compute bench.onnx --threads 4 --seconds 2 --modes '[{"name": "decode", ...}]'
-        One JSON line: per mode the sustained GFLOP/s over at least --seconds of
-        wall time (after a warm-up run), plus MemAvailable from /proc/meminfo.
+        One JSON line: per mode the GFLOP/s of the median run over at least
+        --seconds of wall time (after a warm-up run), plus MemAvailable from
+        /proc/meminfo. A mode with ``idle_ms`` pauses that long after every run,
+        as a pipeline stage waits for its neighbours between steps: a phone that
+        clocks down when idle, or a quota that only bites on long runs, shows
+        here what a launcher's steps really get.
         Weights are graph inputs filled here with numpy, so the pushed model is
         a few KB however big the layers are.
     python3 probe.py serve PORT
@@ -62,16 +66,18 @@ def compute(model: str, threads: int, seconds: float, modes: list[dict]) -> dict
             shape = [mode["dims"].get(d, 1) if isinstance(d, str) or d is None else d for d in i.shape]
             feeds[i.name] = (rng.standard_normal(shape, dtype=np.float32) * 0.5).astype(np.float32)
         session.run(None, feeds)  # warm-up: allocations, kernel selection
-        runs, cpu0, t0 = 0, time.process_time(), time.perf_counter()
-        while True:
+        idle = mode.get("idle_ms", 0) / 1000.0
+        times, cpu0, t0 = [], time.process_time(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds or len(times) < 3:
+            start = time.perf_counter()
             session.run(None, feeds)
-            runs += 1
-            wall = time.perf_counter() - t0
-            if wall >= seconds:
-                break
+            times.append(time.perf_counter() - start)
+            if idle:
+                time.sleep(idle)
+        median = statistics.median(times)
         out["modes"][mode["name"]] = {
-            "runs": runs, "wall_s": wall, "cpu_s": time.process_time() - cpu0,
-            "ms_per_run": wall * 1000 / runs, "gflops": mode["flops"] * runs / wall / 1e9,
+            "runs": len(times), "wall_s": sum(times), "cpu_s": time.process_time() - cpu0,
+            "ms_per_run": median * 1000, "gflops": mode["flops"] / median / 1e9, "idle_ms": idle * 1000,
         }
     return out
 

@@ -9,8 +9,10 @@ Per device (over adb, or as a process here for `target: local`):
     RMSNorm, grouped-query attention with a KV cache, SwiGLU MLP) built here
     with onnx.helper and run by llc/probe.py with the device's thread count,
     for a few seconds of wall time after a warm-up. Two shapes are timed:
-    decode (1 token over a 256-token cache) and prefill (64 tokens). `gflops`
-    is the decode rate, because per-token decode is what the plan's latency
+    decode (1 token over a 256-token cache, one run at a time with a 10 ms
+    pause after each, as a pipeline stage runs its steps) and prefill (64
+    tokens, back to back). `gflops` is the decode rate, because per-token
+    decode is what the plan's latency
     (and, with several requests, throughput) is made of; prefill is reported
     in the file's comments. Weights are fed as inputs filled on the device, so
     the pushed model is a few KB.
@@ -82,7 +84,7 @@ class BenchLayers:
     def modes(self) -> list[dict]:
         return [
             {"name": "decode", "dims": {"T": 1, "P": self.decode_context},
-             "flops": self.flops(1, self.decode_context)},
+             "flops": self.flops(1, self.decode_context), "idle_ms": 10},
             {"name": "prefill", "dims": {"T": self.prefill_tokens, "P": 0},
              "flops": self.flops(self.prefill_tokens, 0)},
         ]

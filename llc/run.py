@@ -34,8 +34,14 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return lines
 
 
-def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: float) -> dict:
-    """Timings in one dict: printed as text, written as JSON."""
+def _median_decode_ms(stage: StageStats, since: float) -> float | None:
+    """Median ms of the decode steps (step >= 1) this run made: robust to a hiccup of the host."""
+    ms = sorted((end - start) * 1000 for _, step, start, end in stage.events if step >= 1 and start >= since)
+    return ms[len(ms) // 2] if ms else None
+
+
+def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: float, since: float) -> dict:
+    """Timings in one dict: printed as text, written as JSON (``since``: the run's start, device clock)."""
     tokens = sum(len(r.tokens) for r in results)
     ttft = [r.ttft_ms for r in results if r.ttft_ms is not None]
     mspt = [r.ms_per_token for r in results if r.ms_per_token is not None]
@@ -48,7 +54,8 @@ def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: flo
         "ms_per_token_mean": sum(mspt) / len(mspt) if mspt else None,
         "stages": [
             {"device": s.device, "stage": s.stage, "prefill_ms": s.prefill_ms, "prefill_steps": s.prefill_steps,
-             "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step}
+             "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step,
+             "ms_per_decode_step_median": _median_decode_ms(s, since)}
             for s in stages
         ],
         # Everything sent on a hop (prefill included), also per generated token.
@@ -148,7 +155,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         for r in results:
             r.text = tok.decode(r.tokens, skip_special_tokens=True)
         stage_stats = coord.stats()
-        summary = _summary(results, stage_stats, wall)
+        summary = _summary(results, stage_stats, wall, started)
         if timeline_path:
             from llc.timeline import render_timeline
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sys
 from pathlib import Path
 
@@ -32,3 +35,34 @@ def write_profile(path: Path, n: int, *, memory_mb=2000, gflops=8.0, target="loc
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+LAB_LOCK = Path("/tmp/llc-lab-tests.lock")
+
+
+@contextlib.contextmanager
+def lab_up(state_dir: Path, specs, *, name: str, subnet: str, adb_port: int):
+    """A phone lab for one test module, held under a machine-wide lock.
+
+    A lab owns cores (cpusets), bridges and cgroups of this machine, so two test
+    sessions at once (CI and a developer, or the suite run twice) take turns
+    rather than measure each other's phones. Fails, never skips, without root.
+    """
+    import pytest
+
+    from llc.lab import Lab, LabError
+
+    if os.geteuid() != 0:
+        pytest.fail("the phone lab tests need root (namespaces, tc, cgroups)")
+    with open(LAB_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if this process dies
+        the_lab = Lab(state_dir, adb_port=adb_port, name=name, subnet=subnet)
+        try:
+            the_lab.down()  # sweep whatever a crashed earlier run left
+            the_lab.up(specs)
+        except LabError as e:
+            pytest.fail(f"lab up failed: {e}")
+        try:
+            yield the_lab
+        finally:
+            the_lab.down()

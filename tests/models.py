@@ -51,6 +51,12 @@ def tiny_llama_tied(exporter: str = "dynamo") -> Path:
     return _build("tiny-llama-tied", exporter, False)
 
 
+def small_llama() -> Path:
+    """A llama larger than this machine's L3 cache (16 layers of hidden 256; 63 MB): decode steps
+    of several ms that read their weights from DRAM, as a real model's stage does."""
+    return _build("small-llama", "legacy", False)
+
+
 def tiny_gpt2(exporter: str = "legacy", external_data: bool = False) -> Path:
     """GPT-2: LayerNorm, learned absolute positions (looked up from position_ids), MHA with fused QKV, GELU."""
     return _build("tiny-gpt2", exporter, external_data)
@@ -70,6 +76,11 @@ def torch_model(name: str):
     if name == "tiny-llama":
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False))
+    elif name == "small-llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False))
     elif name == "tiny-llama-tied":

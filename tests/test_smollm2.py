@@ -1,8 +1,10 @@
 """SmolLM2-135M end to end: compile + verify for 1..4 stages, and `llc run` against unsplit onnxruntime.
 
-Ground truth is greedy decoding of the unsplit model (models/smollm2/model.onnx
-as exported) in one onnxruntime session. The model is exported first when it
-is missing (examples/smollm2/export.py is a no-op when the export is complete).
+Both torch exporters: the legacy one (models/smollm2) and torch.export with
+per-input symbols and a tied embedding shared by the first and last block
+(models/smollm2-dynamo). Ground truth is greedy decoding of the unsplit model
+in one onnxruntime session. The models are exported first when missing
+(examples/smollm2/export.py is a no-op when the export is complete).
 
 The builds are compiled with no EOS token so every request yields exactly the
 40 tokens asked for (SmolLM2 ends "The capital of France is" after 30). The
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "smollm2"
+EXPORTS = {"legacy": MODEL_DIR, "dynamo": REPO / "models" / "smollm2-dynamo"}
 STAGES = (1, 2, 3, 4)
 NEW_TOKENS = 40
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
@@ -47,18 +50,23 @@ compile_model(Path(model), p, Path(out), workload=with_overrides(p.workload, sta
 
 
 
+def export(exporter: str) -> Path:
+    """The model.onnx of one export, made first if missing (the script does nothing when complete)."""
+    out = EXPORTS[exporter]
+    proc = subprocess.run([sys.executable, "examples/smollm2/export.py", "--out", str(out), "--exporter", exporter],
+                          cwd=REPO, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"export failed:\n{proc.stdout}\n{proc.stderr}"
+    return out / "model.onnx"
+
+
 @pytest.fixture(scope="module")
 def model() -> Path:
-    """models/smollm2/model.onnx, exported first if missing (the script does nothing when complete)."""
-    proc = subprocess.run([sys.executable, "examples/smollm2/export.py", "--out", str(MODEL_DIR)], cwd=REPO,
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, f"export failed:\n{proc.stdout}\n{proc.stderr}"
-    return MODEL_DIR / "model.onnx"
+    return export("legacy")
 
 
 @pytest.fixture(scope="module")
-def builds(model, tmp_path_factory) -> dict[int, Path]:
-    """One build per stage count from a profile of 4 local devices (1 thread each), no EOS."""
+def all_builds(tmp_path_factory) -> dict[tuple[str, int], Path]:
+    """One build per exporter and stage count, from a profile of 4 local devices (1 thread each), no EOS."""
     root = tmp_path_factory.mktemp("smollm2")
     profile = write_profile(root / "devices.yaml", 4, base_port=free_port_range(4))
     # The builds' keys come from the test session's secret (see conftest), created once here:
@@ -70,17 +78,25 @@ def builds(model, tmp_path_factory) -> dict[int, Path]:
 
         build_secret()
     env = dict(os.environ, LLC_SECRET_FILE=str(secret))
+    models = {exporter: export(exporter) for exporter in EXPORTS}
 
-    def compile_one(n: int) -> Path:
-        out = root / f"stages{n}"
-        proc = subprocess.run([sys.executable, "-c", COMPILE, str(model), str(profile), str(out), str(n)],
+    def compile_one(job: tuple[str, int]) -> Path:
+        exporter, n = job
+        out = root / f"{exporter}-stages{n}"
+        proc = subprocess.run([sys.executable, "-c", COMPILE, str(models[exporter]), str(profile), str(out), str(n)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"compile for {n} stage(s) failed:\n{proc.stderr}"
+        assert proc.returncode == 0, f"compile of the {exporter} export for {n} stage(s) failed:\n{proc.stderr}"
         return out
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the slowest (most stages) first
-        done = dict(zip(sorted(STAGES, reverse=True), pool.map(compile_one, sorted(STAGES, reverse=True))))
-    return done
+    jobs = [(e, n) for e in EXPORTS for n in sorted(STAGES, reverse=True)]  # the slowest (most stages) first
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(jobs, pool.map(compile_one, jobs)))
+
+
+@pytest.fixture(scope="module")
+def builds(all_builds) -> dict[int, Path]:
+    """The legacy export's builds by stage count."""
+    return {n: b for (e, n), b in all_builds.items() if e == "legacy"}
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +105,9 @@ def reference(model) -> Reference:
 
 
 @pytest.mark.parametrize("stages", STAGES)
-def test_compile_and_verify(builds, stages):
-    build = builds[stages]
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_compile_and_verify(all_builds, exporter, stages):
+    build = all_builds[(exporter, stages)]
     plan = json.loads((build / "plan.json").read_text())
     assert len(plan["stages"]) == stages
     assert all(json.loads((build / "devices" / s["device"] / "manifest.json").read_text())["threads"] == 1
