@@ -20,6 +20,21 @@ from llc.errors import LlcError
 MIB = 1 << 20
 
 
+REPORT = ("this is a bug in llc, not in your input: please report it with the command you ran, "
+          "`llc --version` and the traceback that LLC_DEBUG=1 prints")
+
+
+def internal_error(e: Exception) -> str:
+    """One line for a bug: where it happened (the pass, for the compiler) and what to report."""
+    from llc.pipeline import PassError
+
+    if isinstance(e, PassError):
+        cause = e.__cause__
+        return (f"in pass {e.pass_name} (after {', '.join(e.done) or 'none'}): "
+                f"{type(cause).__name__}: {cause}; {REPORT}")
+    return f"{type(e).__name__}: {e}; {REPORT}"
+
+
 def friendly(fn):
     """Turn LlcError (and Ctrl-C) into a one-line message and an exit code."""
 
@@ -36,8 +51,7 @@ def friendly(fn):
         except Exception as e:  # a bug: one line, traceback on request
             if os.environ.get("LLC_DEBUG"):
                 raise
-            click.echo(f"llc: internal error: {type(e).__name__}: {e} (LLC_DEBUG=1 shows where)",
-                       err=True)
+            click.echo(f"llc: internal error: {internal_error(e)}", err=True)
             sys.exit(1)
 
     return wrapper

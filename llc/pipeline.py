@@ -26,7 +26,12 @@ class Pass(Protocol):
 
 
 class PassError(RuntimeError):
-    pass
+    """A bug inside a pass (not the user's input): names the pass and the passes before it."""
+
+    def __init__(self, pass_name: str, done: list[str], error: BaseException):
+        self.pass_name = pass_name
+        self.done = list(done)
+        super().__init__(f"error in pass {pass_name} after {done}: {type(error).__name__}: {error}")
 
 
 @dataclass
@@ -54,7 +59,7 @@ class PassManager:
             except (LlcError, KeyboardInterrupt):
                 raise
             except Exception as e:  # a bug, not bad input: say where it happened
-                raise PassError(f"error in pass {p.name} after {done}: {type(e).__name__}: {e}") from e
+                raise PassError(p.name, done, e) from e
             dt = time.perf_counter() - t0
             self.timings.append(PassTiming(p.name, dt))
             if self.progress:

@@ -187,8 +187,8 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         click.echo("llc run: interrupted", err=True)
         sys.exit(130)
     finally:
-        if coord is not None:
-            coord.close()
+        if coord is not None:  # a stop was sent only to devices this run started, and they are stopped below
+            coord.close(linger_ms=0 if target is not None else 500)
         if target is not None:
             target.stop()
         if watcher is not None:

@@ -25,7 +25,7 @@ from llc.targets.base import TargetError
 class LocalTarget:
     name = "local"
 
-    def __init__(self, ready_timeout: float = 60.0, stop_timeout: float = 5.0, python: str = sys.executable):
+    def __init__(self, ready_timeout: float = 60.0, stop_timeout: float = 3.0, python: str = sys.executable):
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.python = python  # the interpreter run.sh execs: it must have numpy, onnxruntime, pyzmq

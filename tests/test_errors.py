@@ -136,3 +136,30 @@ def test_compile_prints_plan_and_progress(tmp_path, model):
     assert r.returncode == 0, r.stderr
     assert "[8/8] emit done" in r.stderr
     assert "3 stage(s)" in r.stdout and "ms/token" in r.stdout and "B/token" in r.stdout
+
+
+def test_bad_split_file_is_one_line(tmp_path, model, profile):
+    split = tmp_path / "split.yaml"
+    split.write_text("stages:\n  - {device: a, blocks: [embed, layer 1]}\n  - {device: b, blocks: [layer 3, head]}\n")
+    r = llc("compile", str(model), "--devices", str(profile), "--split", str(split), "-o", "out", cwd=tmp_path)
+    assert_clean_failure(r, tmp_path / "out", str(split), "stages[1].blocks", "layer 2")
+
+
+def test_a_bug_in_a_pass_names_the_pass_and_what_to_report(tmp_path, model, profile, monkeypatch):
+    """Not the user's fault: exit 1, one line naming the pass and the passes before it."""
+    from click.testing import CliRunner
+
+    from llc.cli import main
+    from llc.passes.coarsen import Coarsen
+
+    def broken(self, state):
+        raise ValueError("boom")
+
+    monkeypatch.delenv("LLC_DEBUG", raising=False)
+    monkeypatch.setattr(Coarsen, "run", broken)
+    r = CliRunner().invoke(main, ["compile", str(model), "--devices", str(profile), "-o", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 1
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("llc: internal error: in pass coarsen (after load, simplify, past-length, "
+                           "annotate-cost): ValueError: boom; this is a bug in llc"), line
+    assert "LLC_DEBUG=1" in line and not (tmp_path / "o").exists()
