@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from llc.compiler import compile_model
-from llc.costmodel import build_tables, evaluate, even_split, memory_proportional_split
+from llc.compiler.costmodel import build_tables, evaluate, even_split, memory_proportional_split
 from llc.profile import load_profile
 
 # (name, usable MB, sustained GFLOP/s): flagship, mid-range, budget, older mid, tablet, old budget

@@ -55,7 +55,7 @@ import onnxruntime as ort
 import yaml
 
 from llc.compiler import compile_model, with_overrides
-from llc.coordinator import Coordinator, SamplingParams
+from llc.runtime.coordinator import Coordinator, SamplingParams
 from llc.profile import load_profile
 from llc.targets.local import LocalTarget
 
@@ -86,7 +86,7 @@ def _compiler_files() -> list[Path]:
     import llc.passes
     import llc.templates
 
-    dirs = [Path(llc.passes.__file__).parent, Path(llc.templates.__file__).parent]
+    dirs = [Path(llc.compiler.passes.__file__).parent, Path(llc.templates.__file__).parent]
     return sorted(f for d in dirs for f in d.iterdir() if f.suffix in (".py", ".j2"))
 
 

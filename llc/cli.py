@@ -26,7 +26,7 @@ REPORT = ("this is a bug in llc, not in your input: please report it with the co
 
 def internal_error(e: Exception) -> str:
     """One line for a bug: where it happened (the pass, for the compiler) and what to report."""
-    from llc.pipeline import PassError
+    from llc.compiler.pipeline import PassError
 
     if isinstance(e, PassError):
         cause = e.__cause__
@@ -73,7 +73,7 @@ def main() -> None:
 def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool, granularity: str) -> None:
     """Show the layers of MODEL with parameters and cost per layer."""
     from llc.compiler import analysis_passes, new_state
-    from llc.pipeline import PassManager
+    from llc.compiler.pipeline import PassManager
     from llc.profile import Workload
 
     if prompt_tokens >= max_context:
@@ -176,7 +176,7 @@ def print_plan(build: Path) -> None:
 @friendly
 def verify(build: Path, tolerance: float, prompt_len: int) -> None:
     """Check the split stages against the unsplit model, numerically."""
-    from llc.verify import verify_build
+    from llc.runtime.verify import verify_build
 
     diffs = verify_build(build, prompt_len=prompt_len)
     worst = max(diffs, key=lambda d: d.max_abs_diff)
@@ -194,7 +194,7 @@ def verify(build: Path, tolerance: float, prompt_len: int) -> None:
 
 def _register_optional() -> None:
     """Commands that live in their own modules."""
-    for mod, attr in (("llc.run", "run"), ("llc.lab", "lab"), ("llc.deploy", "commands")):
+    for mod, attr in (("llc.runtime.run", "run"), ("llc.lab.phones", "lab"), ("llc.targets.deploy", "commands")):
         try:
             module = __import__(mod, fromlist=[attr])
         except ImportError as e:

@@ -50,7 +50,7 @@ def lab_up(state_dir: Path, specs, *, name: str, subnet: str, adb_port: int):
     """
     import pytest
 
-    from llc.lab import Lab, LabError
+    from llc.lab.phones import Lab, LabError
 
     if os.geteuid() != 0:
         pytest.fail("the phone lab tests need root (namespaces, tc, cgroups)")

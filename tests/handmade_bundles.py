@@ -36,7 +36,7 @@ from onnx import helper
 
 import llc
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent.parent / "llc" / "templates"
 ROLES = ("input_ids", "attention_mask", "position_ids")
 LAYER = re.compile(r"/layers\.(\d+)/")
 

@@ -22,7 +22,7 @@ import yaml
 
 from conftest import lab_up
 from handmade_bundles import Reference, write_tokenizer
-from llc.lab import PhoneSpec
+from llc.lab.phones import PhoneSpec
 from llc.profile import load_profile
 from llc.targets.adb import Adb, AdbTarget, Phone, check_runtime, connect, runtime_problem
 from llc.targets.base import TargetError, make_target

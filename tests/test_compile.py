@@ -16,7 +16,7 @@ import yaml
 from conftest import write_profile
 from llc.compiler import PASSES, compile_model
 from llc.profile import load_profile
-from llc.verify import verify_build
+from llc.runtime.verify import verify_build
 from models import tiny_gpt2, tiny_llama, tiny_llama_tied
 
 # name -> (builder, number of layers)
@@ -36,7 +36,7 @@ BUILDERS = {
 def test_layers_found_whatever_the_exporter(name):
     """Structure, not names: every export yields embed, its layers, head; one KV pair per layer."""
     from llc.compiler import analysis_passes, new_state
-    from llc.pipeline import PassManager
+    from llc.compiler.pipeline import PassManager
     from llc.profile import Workload
 
     builder, layers = BUILDERS[name]

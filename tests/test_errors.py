@@ -150,7 +150,7 @@ def test_a_bug_in_a_pass_names_the_pass_and_what_to_report(tmp_path, model, prof
     from click.testing import CliRunner
 
     from llc.cli import main
-    from llc.passes.coarsen import Coarsen
+    from llc.compiler.passes.coarsen import Coarsen
 
     def broken(self, state):
         raise ValueError("boom")

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import lab_up
-from llc.lab import LabError, PhoneSpec, assign_cores, cpu_quota
+from llc.lab.phones import LabError, PhoneSpec, assign_cores, cpu_quota
 
 pytestmark = pytest.mark.lab
 

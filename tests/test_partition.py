@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from llc.costmodel import (CostTables, brute_force, evaluate, even_split,
+from llc.compiler.costmodel import (CostTables, brute_force, evaluate, even_split,
                            memory_proportional_split)
-from llc.passes.partition import solve
+from llc.compiler.passes.partition import solve
 from llc.profile import Device
 
 MB = 1 << 20

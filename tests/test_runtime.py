@@ -24,7 +24,7 @@ import zmq
 
 from conftest import write_profile
 from handmade_bundles import Reference, free_port_range, render, write_build, write_tokenizer
-from llc.coordinator import Coordinator, DeviceFailure, SamplingParams
+from llc.runtime.coordinator import Coordinator, DeviceFailure, SamplingParams
 from llc.targets.base import TargetError, make_target
 from llc.targets.local import LocalTarget
 from models import tiny_gpt2, tiny_llama
@@ -221,7 +221,7 @@ def test_device_error_is_reported_with_its_name(model, target, tmp_path):
 
 
 def start_cli(build: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "llc.run", str(build), "--prompt", "w5 w6 w7", "--max-new-tokens", "100000", *args]
+    cmd = [sys.executable, "-m", "llc.runtime.run", str(build), "--prompt", "w5 w6 w7", "--max-new-tokens", "100000", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
 
 
@@ -286,7 +286,7 @@ def test_cli_streams_and_writes_json(model, reference, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w5 w6 w7\nw40\nw100 w101 w102 w103 w104\n")
     out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "llc.run", str(build), "--prompts", str(prompts), "--max-new-tokens", "10",
+    cmd = [sys.executable, "-m", "llc.runtime.run", str(build), "--prompts", str(prompts), "--max-new-tokens", "10",
            "--concurrency", "2", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -74,7 +74,7 @@ def all_builds(tmp_path_factory) -> dict[tuple[str, int], Path]:
     secret = tmp_path_factory.getbasetemp() / "build-secret"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLC_SECRET_FILE", str(secret))
-        from llc.passes.emit import build_secret
+        from llc.compiler.passes.emit import build_secret
 
         build_secret()
     env = dict(os.environ, LLC_SECRET_FILE=str(secret))

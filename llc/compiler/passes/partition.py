@@ -43,7 +43,7 @@ the best seen can use (cost <= best - eps * least latency, the latency LP bound)
 CBC settings: cuts, presolve and heuristics off (the LP is tight, they only
 cost time); the cutoff increment is TIE, not CBC's default 1e-4 ms, which
 prunes plans better by less than that. The costs are those of
-``llc.costmodel``; tests check the result against exhaustive search.
+``llc.compiler.costmodel``; tests check the result against exhaustive search.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ import mip
 import mip.cbc
 import yaml
 
-from llc.costmodel import (EPS, MIB, TIE, TOKEN_BYTES, CostTables, Split, build_tables, evaluate,
+from llc.compiler.costmodel import (EPS, MIB, TIE, TOKEN_BYTES, CostTables, Split, build_tables, evaluate,
                            even_split, memory_proportional_split)
 from llc.errors import DoesNotFit, LlcError
-from llc.ir import CompileState, Plan, StagePlan
+from llc.compiler.state import CompileState, Plan, StagePlan
 
 
 def check_fits(t: CostTables, where: str) -> None:

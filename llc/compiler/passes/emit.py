@@ -30,19 +30,18 @@ import zmq
 from zmq.utils import z85
 
 import llc
-from llc.ir import CompileState
-from llc.passes.comm_map import link_bytes, stage_of_nodes
-from llc.report import render_report
-from llc.segment import const_closure, segment_io, sha256_file, write_segment
+from llc.compiler.state import CompileState
+from llc.compiler.passes.comm_map import link_bytes, stage_of_nodes
+from llc.compiler.report import render_report
+from llc.compiler.segment import const_closure, segment_io, sha256_file, write_segment
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 FORMAT = 1
 
 
 def templates_env() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("llc", "templates") if not TEMPLATES.is_dir()
-        else jinja2.FileSystemLoader(str(TEMPLATES)),
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False,
     )
 

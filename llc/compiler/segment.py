@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from llc.ir import TensorInfo, external_location, node_inputs
+from llc.compiler.state import TensorInfo, external_location, node_inputs
 
 ALIGN = 64  # bytes; keeps every tensor aligned for mmap-friendly loading
 INLINE_LIMIT = 1024  # tensors smaller than this stay inside the .onnx file

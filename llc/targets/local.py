@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from llc.coordinator import DeviceFailure, wait_ready
+from llc.runtime.coordinator import DeviceFailure, wait_ready
 from llc.targets.base import TargetError
 
 

@@ -29,7 +29,7 @@ from typing import ClassVar
 import onnx
 from onnx import TensorProto, helper
 
-from llc.ir import CompileState
+from llc.compiler.state import CompileState
 
 _INT64_MAX = 2**63 - 1
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from llc.coordinator import Coordinator, DeviceFailure
+from llc.runtime.coordinator import Coordinator, DeviceFailure
 from llc.errors import LlcError
 from llc.targets.adb import AdbTarget, adb_for_build
 from llc.targets.base import TargetError
@@ -169,7 +169,7 @@ def stop(build: Path, adb_port: int | None, purge: bool) -> None:
 def profile(phones: Path, out: Path, adb_port: int | None, seconds: float, net_seconds: float, net_port: int,
             no_network: bool, json_out: Path | None) -> None:
     """Measure the devices in PHONES.yaml (speed, memory, links) and write a profile for `llc compile`."""
-    from llc.profiler import measure
+    from llc.targets.profiler import measure
 
     measure(phones, out, adb_for_build(None, adb_port), seconds=seconds, net_seconds=net_seconds, port=net_port,
             network=not no_network, log=lambda s: click.echo(s, err=True), json_out=json_out)

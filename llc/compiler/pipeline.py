@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Protocol
 
 from llc.errors import LlcError
-from llc.ir import CompileState
+from llc.compiler.state import CompileState
 
 
 class Pass(Protocol):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from llc.coordinator import BuildInfo, Coordinator, DeviceFailure, RequestResult, SamplingParams, StageStats, TextStream
+from llc.runtime.coordinator import BuildInfo, Coordinator, DeviceFailure, RequestResult, SamplingParams, StageStats, TextStream
 from llc.targets.base import Target, TargetError, make_target
 
 
@@ -157,7 +157,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         stage_stats = coord.stats()
         summary = _summary(results, stage_stats, wall, started)
         if timeline_path:
-            from llc.timeline import render_timeline
+            from llc.runtime.timeline import render_timeline
 
             events = {st.device: [{"rid": r, "step": k, "start": a, "end": b}
                                   for r, k, a, b in st.events if a >= started]  # this run only

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llc.ir import CommEdge, CompileState, node_inputs, tensor_nbytes
+from llc.compiler.state import CommEdge, CompileState, node_inputs, tensor_nbytes
 
 KIND = {"stream": "activation", "side": "side", "shape": "shape"}
 

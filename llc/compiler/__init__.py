@@ -10,16 +10,16 @@ from pathlib import Path
 import onnx
 
 from llc.errors import LlcError
-from llc.ir import CompileState
-from llc.passes.annotate_cost import AnnotateCost
-from llc.passes.coarsen import Coarsen
-from llc.passes.comm_map import CommMap
-from llc.passes.emit import Emit
-from llc.passes.load import Load
-from llc.passes.partition import Partition
-from llc.passes.past_length import PastLength
-from llc.passes.simplify import Simplify
-from llc.pipeline import PassManager
+from llc.compiler.state import CompileState
+from llc.compiler.passes.annotate_cost import AnnotateCost
+from llc.compiler.passes.coarsen import Coarsen
+from llc.compiler.passes.comm_map import CommMap
+from llc.compiler.passes.emit import Emit
+from llc.compiler.passes.load import Load
+from llc.compiler.passes.partition import Partition
+from llc.compiler.passes.past_length import PastLength
+from llc.compiler.passes.simplify import Simplify
+from llc.compiler.pipeline import PassManager
 from llc.profile import Profile, Workload
 
 # one explicit registry: name -> pass class (a test checks each key is the pass's own name)

@@ -28,7 +28,7 @@ Per phone the lab makes:
 The lab uses its own adb server port so it never touches a user's adb server.
 Needs root, `adb`, `adbd` and iproute2 (scripts/install-lab-deps.sh).
 
-CLI (`llc lab ...` or `python -m llc.lab ...`):
+CLI (`llc lab ...` or `python -m llc.lab.phones ...`):
     up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --state-dir /tmp/llc-lab
     status --state-dir /tmp/llc-lab
     down --state-dir /tmp/llc-lab

@@ -19,7 +19,7 @@ from typing import ClassVar
 import onnx
 from onnx import TensorProto
 
-from llc.ir import CompileState, NodeCost, Signature, TensorInfo, tensor_nbytes, value_infos
+from llc.compiler.state import CompileState, NodeCost, Signature, TensorInfo, tensor_nbytes, value_infos
 
 BIG_INITIALIZER = 4096  # bytes; smaller ones may hold shape constants shape inference needs
 ELEMENTWISE_FLOPS = {"Softmax": 5, "Erf": 8, "Tanh": 6, "Sigmoid": 4, "Pow": 2, "Sqrt": 2,

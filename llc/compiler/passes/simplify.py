@@ -20,8 +20,8 @@ from typing import ClassVar
 import onnx
 
 from llc.errors import LlcError
-from llc.ir import CompileState, external_location, value_infos
-from llc.passes.load import detect_signature
+from llc.compiler.state import CompileState, external_location, value_infos
+from llc.compiler.passes.load import detect_signature
 
 
 def cache_dir() -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from llc.errors import LlcError
-from llc.ir import Block, CompileState, TensorInfo, consumers, node_inputs, tensor_nbytes
+from llc.compiler.state import Block, CompileState, TensorInfo, consumers, node_inputs, tensor_nbytes
 
 SHAPE_OPS = {"Shape", "Size"}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from llc.ir import Block
+from llc.compiler.state import Block
 from llc.profile import Device, Profile, Workload
 
 MIB = 1 << 20

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llc.coordinator import DeviceFailure, wait_ready
+from llc.runtime.coordinator import DeviceFailure, wait_ready
 from llc.errors import LlcError
 from llc.targets.base import TargetError
 

@@ -24,7 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from llc.errors import LlcError
-from llc.ir import CompileState, KVBinding, Signature, consumers, external_location, value_infos
+from llc.compiler.state import CompileState, KVBinding, Signature, consumers, external_location, value_infos
 
 MAX_PRESENT_DEPTH = 8  # a present output is at most a few ops after its past input
 

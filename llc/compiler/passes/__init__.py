@@ -1,0 +1,1 @@
+"""The compiler passes, one file each; llc.compiler.PASSES is their registry."""

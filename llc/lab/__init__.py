@@ -1,0 +1,1 @@
+"""The phone lab: emulated Android phones for llc deploy without phones."""

@@ -1,0 +1,1 @@
+"""How devices are reached (local processes, adb phones), deployed to and measured."""

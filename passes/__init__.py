@@ -1,1 +1,0 @@
-"""Compiler passes, one per file. Installed as ``llc.passes``."""

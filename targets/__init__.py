@@ -1,1 +1,0 @@
-"""Deployment targets (local processes, Android over adb). Installed as ``llc.targets``."""

@@ -1,1 +1,0 @@
-"""Jinja2 templates for the launcher, run script and report."""
