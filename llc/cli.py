@@ -6,55 +6,16 @@ exit code 2; nothing prints a traceback unless LLC_DEBUG=1.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import sys
 from pathlib import Path
 
 import click
 
 from llc import __version__
-from llc.errors import LlcError
+from llc.bundle import schema
+from llc.errors import LlcError, one_line_errors
 
 MIB = 1 << 20
-
-
-REPORT = ("this is a bug in llc, not in your input: please report it with the command you ran, "
-          "`llc --version` and the traceback that LLC_DEBUG=1 prints")
-
-
-def internal_error(e: Exception) -> str:
-    """One line for a bug: where it happened (the pass, for the compiler) and what to report."""
-    from llc.compiler.pipeline import PassError
-
-    if isinstance(e, PassError):
-        cause = e.__cause__
-        return (f"in pass {e.pass_name} (after {', '.join(e.done) or 'none'}): "
-                f"{type(cause).__name__}: {cause}; {REPORT}")
-    return f"{type(e).__name__}: {e}; {REPORT}"
-
-
-def friendly(fn):
-    """Turn LlcError (and Ctrl-C) into a one-line message and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LlcError as e:
-            click.echo(f"llc: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("llc: interrupted", err=True)
-            sys.exit(130)
-        except Exception as e:  # a bug: one line, traceback on request
-            if os.environ.get("LLC_DEBUG"):
-                raise
-            click.echo(f"llc: internal error: {internal_error(e)}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +30,7 @@ def main() -> None:
 @click.option("--max-context", type=click.IntRange(2), default=1024, show_default=True)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True)
-@friendly
+@one_line_errors
 def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool, granularity: str) -> None:
     """Show the layers of MODEL with parameters and cost per layer."""
     from llc.compiler import analysis_passes, new_state
@@ -121,11 +82,12 @@ def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="Cut only between layers, or at every legal cut (half layers).")
 @click.option("--dump-after", multiple=True, help="Dump the compile state after this pass (or 'all').")
+@click.option("--force", is_flag=True, help="Compile even if OUT is an intact build of the same inputs.")
 @click.option("-q", "--quiet", is_flag=True)
-@friendly
+@one_line_errors
 def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens, max_context,
                 requests_in_flight, stages, split, no_simplify: bool, granularity: str, dump_after,
-                quiet: bool) -> None:
+                force: bool, quiet: bool) -> None:
     """Split MODEL across the devices in a profile and write per-device bundles to OUT."""
     from llc.compiler import compile_model, with_overrides
     from llc.profile import load_profile
@@ -140,7 +102,12 @@ def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens,
         raise LlcError(devices, f"prompt tokens ({wl.prompt_tokens}) must be below max context "
                                 f"({wl.max_context})")
     state, pm = compile_model(model, profile, out, workload=wl, simplify=not no_simplify,
-                              granularity=granularity, dump_after=set(dump_after), quiet=quiet, split=split)
+                              granularity=granularity, dump_after=set(dump_after), quiet=quiet, split=split,
+                              force=force)
+    if state.up_to_date:
+        click.echo(f"build {out} is up to date (build id {schema.read(out, schema.PLAN).build_id}): "
+                   f"same model, profile, options and llc version; nothing to do")
+        return
     (Path(out) / "timings.json").write_text(json.dumps(
         {"passes": {t.name: round(t.seconds, 4) for t in pm.timings},
          "mip_seconds": round(state.plan.solve_seconds, 4)}, indent=1) + "\n")
@@ -149,22 +116,22 @@ def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens,
 
 
 def print_plan(build: Path) -> None:
-    plan = json.loads((build / "plan.json").read_text())
-    p = plan["predicted"]
-    click.echo(f"plan {plan['build_id']} ({plan['objective']}): {len(plan['stages'])} stage(s), "
-               f"decode {p['decode_ms_per_token']:.2f} ms/token, prefill {p['prefill_ms']:.1f} ms "
-               f"({plan['workload']['prompt_tokens']} tokens), bottleneck {p['bottleneck_ms']:.2f} ms")
+    plan = schema.read(build, schema.PLAN)
+    p = plan.predicted
+    click.echo(f"plan {plan.build_id} ({plan.objective}, {plan.split}): {len(plan.stages)} stage(s), "
+               f"decode {p.decode_ms_per_token:.2f} ms/token, prefill {p.prefill_ms:.1f} ms "
+               f"({plan.workload.prompt_tokens} tokens), bottleneck {p.bottleneck_ms:.2f} ms")
     click.echo(f"  {'stage':<6}{'device':<16}{'layers':<22}{'memory MB':>16}{'decode ms':>11}"
                f"{'prefill ms':>12}{'hop ms':>8}")
-    for s in plan["stages"]:
-        layers = s["labels"][0] if s["labels"][0] == s["labels"][1] else f"{s['labels'][0]} .. {s['labels'][1]}"
-        mem = f"{s['memory_bytes'] / MIB:.0f}/{s['memory_limit_bytes'] / MIB:.0f}"
-        click.echo(f"  {s['index']:<6}{s['device']:<16}{layers:<22}{mem:>16}{s['compute_ms_decode']:>11.2f}"
-                   f"{s['compute_ms_prefill']:>12.1f}{s['hop_ms_decode']:>8.2f}")
-    for link in plan["links"]:
-        click.echo(f"  link {link['from']} -> {link['to']}: {link['bytes_per_token_decode']} B/token, "
-                   f"{link['bytes_prefill']} B prefill")
-    for n in plan.get("notes", []):
+    for s in plan.stages:
+        layers = s.labels[0] if s.labels[0] == s.labels[1] else f"{s.labels[0]} .. {s.labels[1]}"
+        mem = f"{s.memory_bytes / MIB:.0f}/{s.memory_limit_bytes / MIB:.0f}"
+        click.echo(f"  {s.index:<6}{s.device:<16}{layers:<22}{mem:>16}{s.compute_ms_decode:>11.2f}"
+                   f"{s.compute_ms_prefill:>12.1f}{s.hop_ms_decode:>8.2f}")
+    for link in plan.links:
+        click.echo(f"  link {link.src} -> {link.dst}: {link.bytes_per_token_decode} B/token, "
+                   f"{link.bytes_prefill} B prefill")
+    for n in plan.notes:
         click.echo(f"  note: {n}")
     click.echo(f"wrote {build}/ (report: {build}/report.html)")
 
@@ -173,16 +140,17 @@ def print_plan(build: Path) -> None:
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--tolerance", type=float, default=1e-4, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(1), default=7, show_default=True)
-@friendly
+@one_line_errors
 def verify(build: Path, tolerance: float, prompt_len: int) -> None:
     """Check the split stages against the unsplit model, numerically."""
     from llc.runtime.verify import verify_build
 
     diffs = verify_build(build, prompt_len=prompt_len)
     worst = max(diffs, key=lambda d: d.max_abs_diff)
+    logits_name = schema.read(build, schema.PLAN).model.logits
     for step in ("prefill", "decode"):
         ds = [d for d in diffs if d.step == step]
-        logits = next(d for d in ds if d.output == json.loads((build / "plan.json").read_text())["model"]["logits"])
+        logits = next(d for d in ds if d.output == logits_name)
         others = max((d.max_abs_diff for d in ds if d is not logits), default=0.0)
         click.echo(f"{step:<8} logits max|diff| {logits.max_abs_diff:.3e}   "
                    f"other outputs ({len(ds) - 1}) max|diff| {others:.3e}")

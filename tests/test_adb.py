@@ -9,6 +9,7 @@ lab name, subnet and adb port so a user's lab (llc / 10.77.0 / 5137) is untouche
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ import pytest
 import yaml
 
 from conftest import lab_up
-from handmade_bundles import Reference, write_tokenizer
+from llc.bundle import schema
+from helpers import Reference, write_tokenizer
 from llc.lab.phones import PhoneSpec
 from llc.profile import load_profile
 from llc.targets.adb import Adb, AdbTarget, Phone, check_runtime, connect, runtime_problem
@@ -101,11 +103,11 @@ def build(measured, tmp_path_factory) -> Path:
 
 
 def record(build: Path) -> dict:
-    return json.loads((build / "run" / "deploy.json").read_text())
+    return dataclasses.asdict(schema.read(build, schema.DEPLOY))
 
 
 def stages(build: Path) -> list[str]:
-    return [s["device"] for s in json.loads((build / "plan.json").read_text())["stages"]]
+    return schema.open_build(build).devices
 
 
 # --- llc profile ---------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def test_deploy_run_matches_unsplit_then_stop(lab, build, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "attaching" in run.stderr
     reference = Reference(tiny_llama("legacy"))
-    eos = set(json.loads((build / "devices" / stages(build)[-1] / "manifest.json").read_text())["eos_token_ids"])
+    eos = set(schema.open_build(build).manifest(stages(build)[-1]).eos_token_ids)
     results = json.loads(out.read_text())["results"]
     for r in results:
         assert r["tokens"] == reference.greedy(r["prompt_ids"], NEW_TOKENS, eos), r["prompt"]
@@ -220,7 +222,7 @@ def test_deploy_run_matches_unsplit_then_stop(lab, build, tmp_path):
 def test_interrupted_push_is_resumed(lab, build):
     """A file cut short or missing on a phone is pushed again, and only that file."""
     head, mid, tail = stages(build)
-    build_id = json.loads((build / "plan.json").read_text())["build_id"]
+    build_id = schema.read(build, schema.PLAN).build_id
     dirs = {p.name: Path(p.data_dir) / "llc" / build_id for p in lab.phones}
     data = dirs[head] / "segment.onnx.data"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # as if the push was interrupted
@@ -255,7 +257,7 @@ def test_no_space_left_names_the_device(lab, build):
     """A full /data/local/tmp (a 16 KB tmpfs over the bundle folder, inside the phone) is named, not a traceback."""
     tail = stages(build)[-1]
     phone = next(p for p in lab.phones if p.name == tail)
-    folder = f"/data/local/tmp/llc/{json.loads((build / 'plan.json').read_text())['build_id']}"
+    folder = f"/data/local/tmp/llc/{schema.read(build, schema.PLAN).build_id}"
     lab.adb("shell", f"mkdir -p {folder} && mount -t tmpfs -o size=16k tmpfs {folder}", serial=phone.serial)
     try:
         proc = llc("deploy", build, "--adb-port", ADB_PORT)

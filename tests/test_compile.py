@@ -7,13 +7,12 @@ empty cache, and a decode step with the prefill's cache).
 
 from __future__ import annotations
 
-import json
-
 import onnx
 import pytest
 import yaml
 
 from conftest import write_profile
+from llc.bundle import schema
 from llc.compiler import PASSES, compile_model
 from llc.profile import load_profile
 from llc.runtime.verify import verify_build
@@ -52,19 +51,19 @@ def test_layers_found_whatever_the_exporter(name):
 
 def check_build(build, model) -> None:
     """Every graph output made by exactly one valid segment, no cache read on two stages, split == unsplit."""
-    plan = json.loads((build / "plan.json").read_text())
-    outputs = [o for s in plan["stages"] for o in s["outputs"]]
+    plan = schema.read(build, schema.PLAN)
+    outputs = [o for s in plan.stages for o in s.outputs]
     originals = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
     for o in originals:
         assert outputs.count(o) == 1, o
     kv_readers: dict[str, int] = {}
-    for s in plan["stages"]:
-        onnx.checker.check_model(str(build / s["segment"]))
-        manifest = json.loads((build / s["manifest"]).read_text())
-        for i in manifest["inputs"]:
-            if i["name"].startswith("past_key_values") or i["source"] == "kv":
-                kv_readers[i["name"]] = kv_readers.get(i["name"], 0) + 1
-                assert i["source"] == "kv", i  # a cache is never sent
+    kv = {k.past for k in plan.model.kv}
+    for s in plan.stages:
+        onnx.checker.check_model(str(build / s.segment))
+        for i in schema.read_manifest(build / s.manifest).inputs:
+            if i.name in kv:
+                kv_readers[i.name] = kv_readers.get(i.name, 0) + 1
+                assert i.source == "kv", i  # a cache is never sent
     assert kv_readers and max(kv_readers.values()) == 1, kv_readers
     diffs = verify_build(build)
     assert {d.step for d in diffs} == {"prefill", "decode"}
@@ -79,7 +78,7 @@ def test_split_equals_unsplit(tmp_path, name, stages):
     model = BUILDERS[name][0]()
     profile = load_profile(write_profile(tmp_path / "p.yaml", 4, stages=stages))
     compile_model(model, profile, tmp_path / "build", quiet=True)
-    assert len(json.loads((tmp_path / "build" / "plan.json").read_text())["stages"]) == stages
+    assert len(schema.read(tmp_path / "build", schema.PLAN).stages) == stages
     check_build(tmp_path / "build", model)
 
 
@@ -110,12 +109,12 @@ def test_kv_cache_never_crosses_devices(tmp_path):
     kv = state.signature.kv_inputs | state.signature.kv_outputs
     assert kv and not kv & {e.tensor for e in state.comm}
     for s in state.plan.stages:
-        m = json.loads((tmp_path / "b" / "devices" / s.device / "manifest.json").read_text())
-        pasts = [i["name"] for i in m["inputs"] if i["source"] == "kv"]
-        presents = {i["present"] for i in m["inputs"] if i["source"] == "kv"}
-        assert presents <= set(m["outputs"])  # each past's present is made on the same device
-        for send in m["sends"]:
-            assert not set(send["tensors"]) & kv
+        m = schema.read_manifest(tmp_path / "b" / "devices" / s.device / "manifest.json")
+        pasts = [i.name for i in m.inputs if i.source == "kv"]
+        presents = {i.present for i in m.inputs if i.source == "kv"}
+        assert presents <= set(m.outputs)  # each past's present is made on the same device
+        for send in m.sends:
+            assert not set(send.tensors) & kv
         assert len(pasts) == len(set(pasts))
 
 
@@ -124,17 +123,16 @@ def test_skip_tensors_go_straight_to_their_reader(tmp_path):
     model = tiny_llama("legacy")
     profile = load_profile(write_profile(tmp_path / "p.yaml", 4, stages=4, objective="throughput"))
     compile_model(model, profile, tmp_path / "b", quiet=True)
-    plan = json.loads((tmp_path / "b" / "plan.json").read_text())
-    skips = [e for e in plan["comm_map"] if e["skip"]]
-    assert skips, plan["comm_map"]
-    made_on = {e["tensor"]: e["producer_stage"] for e in plan["comm_map"]}
-    for s in plan["stages"]:  # every received tensor comes from the stage that makes it
-        m = json.loads((tmp_path / "b" / s["manifest"]).read_text())
-        for i in m["inputs"]:
-            if i["source"] == "stage":
-                assert i["from_stage"] == made_on[i["name"]]
-    m0 = json.loads((tmp_path / "b" / plan["stages"][0]["manifest"]).read_text())
-    assert len({s["to"] for s in m0["sends"]}) >= 2
+    plan = schema.read(tmp_path / "b", schema.PLAN)
+    skips = [e for e in plan.comm_map if e.skip]
+    assert skips, plan.comm_map
+    made_on = {e.tensor: e.producer_stage for e in plan.comm_map}
+    for s in plan.stages:  # every received tensor comes from the stage that makes it
+        for i in schema.read_manifest(tmp_path / "b" / s.manifest).inputs:
+            if i.source == "stage":
+                assert i.from_stage == made_on[i.name]
+    m0 = schema.read_manifest(tmp_path / "b" / plan.stages[0].manifest)
+    assert len({s.to for s in m0.sends}) >= 2
 
 
 def test_same_inputs_give_byte_identical_bundles(tmp_path):
@@ -155,19 +153,19 @@ def test_keys_are_per_build_and_per_device(tmp_path):
     p2 = load_profile(write_profile(tmp_path / "p2.yaml", 3, stages=2))
     compile_model(model, p3, tmp_path / "a", quiet=True)
     compile_model(model, p2, tmp_path / "b", quiet=True)
-    ka = {json.loads(m.read_text())["keys"]["public"] for m in (tmp_path / "a").glob("devices/*/manifest.json")}
-    kb = {json.loads(m.read_text())["keys"]["public"] for m in (tmp_path / "b").glob("devices/*/manifest.json")}
+    ka = {schema.read_manifest(m).keys.public for m in (tmp_path / "a").glob("devices/*/manifest.json")}
+    kb = {schema.read_manifest(m).keys.public for m in (tmp_path / "b").glob("devices/*/manifest.json")}
     assert len(ka) == 3 and len(kb) == 2 and not ka & kb
     for m in (tmp_path / "a").glob("devices/*/manifest.json"):
         text = m.read_text()
-        assert json.loads((tmp_path / "a" / "coordinator.json").read_text())["secret"] not in text
+        assert schema.read(tmp_path / "a", schema.COORDINATOR).secret not in text
 
 
 def test_pass_registry_names_match():
     for key, cls in PASSES.items():
         assert key == cls.name
     assert list(PASSES) == ["load", "simplify", "past-length", "annotate-cost", "coarsen", "partition",
-                            "comm-map", "emit"]
+                            "comm-map", "layout", "split", "emit"]
 
 
 def test_report_shows_every_stage(tmp_path):

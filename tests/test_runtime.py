@@ -8,7 +8,6 @@ refused, a dead or hung device is named within 10 s, nothing is left running.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import select
@@ -23,8 +22,12 @@ import pytest
 import zmq
 
 from conftest import write_profile
-from handmade_bundles import Reference, free_port_range, render, write_build, write_tokenizer
-from llc.runtime.coordinator import Coordinator, DeviceFailure, SamplingParams
+from llc.bundle import schema
+from llc.errors import LlcError
+from helpers import Reference, compiled_build, free_port_range, write_tokenizer
+from llc.runtime.coordinator import Coordinator, DeviceFailure
+from llc.runtime.device.protocol import REQUEST
+from llc.runtime.device.sampling import SamplingParams, sample
 from llc.targets.base import TargetError, make_target
 from llc.targets.local import LocalTarget
 from models import tiny_gpt2, tiny_llama
@@ -52,7 +55,7 @@ def target():
 
 
 def devices(build: Path) -> list[str]:
-    return [s["device"] for s in json.loads((build / "plan.json").read_text())["stages"]]
+    return [s.device for s in schema.read(build, schema.PLAN).stages]
 
 
 def alive(pid: int) -> bool:
@@ -78,9 +81,12 @@ def pids_of(build: Path) -> dict[str, int]:
 # --- correctness ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stages,recompute_rotary", [(1, False), (2, False), (3, True)])
-def test_split_pipeline_matches_unsplit_greedy(model, reference, target, tmp_path, stages, recompute_rotary):
-    build = write_build(model, tmp_path / "build", stages, recompute_rotary=recompute_rotary)
+SPLITS = {1: None, 2: None, 3: [("embed", "layer 0"), ("layer 1", "layer 2"), ("layer 3", "head")]}
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_split_pipeline_matches_unsplit_greedy(model, reference, target, tmp_path, stages):
+    build = compiled_build(model, tmp_path / "build", stages, split=SPLITS[stages])
     target.start(build, devices(build))
     with Coordinator(build, health=target.health) as c:
         c.connect()
@@ -118,13 +124,13 @@ def test_compiled_build_matches_unsplit_greedy(builder, target, tmp_path):
         c.connect()
         results = c.generate(PROMPTS, SamplingParams(max_new_tokens=16), concurrency=3)
     reference = Reference(model)
-    eos = set(json.loads((build / "devices" / devices(build)[-1] / "manifest.json").read_text())["eos_token_ids"])
+    eos = set(schema.read_manifest(build / "devices" / devices(build)[-1] / "manifest.json").eos_token_ids)
     for r, prompt in zip(results, PROMPTS):
         assert r.tokens == reference.greedy(prompt, 16, eos), f"prompt {r.index}"
 
 
 def test_sampling_is_repeatable_per_request(model, target, tmp_path):
-    build = write_build(model, tmp_path / "build", 2)
+    build = compiled_build(model, tmp_path / "build", 2)
     target.start(build, devices(build))
     with Coordinator(build, health=target.health) as c:
         c.connect()
@@ -138,48 +144,51 @@ def test_sampling_is_repeatable_per_request(model, target, tmp_path):
     assert top1[0].tokens == greedy[0].tokens
 
 
-def test_sample_function(tmp_path, monkeypatch):
-    (tmp_path / "launcher.py").write_text(render("launcher.py.j2"))
-    spec = importlib.util.spec_from_file_location("llc_test_launcher", tmp_path / "launcher.py")
-    launcher = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, launcher)  # dataclasses look their module up
-    spec.loader.exec_module(launcher)
+def test_sample_function():
     logits = np.array([0.0, 3.0, 2.9, -1.0])
     rng = np.random.default_rng(0)
-    S = launcher.Sampling
-    assert launcher.sample(logits, S(), rng) == 1
-    assert {launcher.sample(logits, S(temperature=5, top_k=2), rng) for _ in range(200)} == {1, 2}
-    assert {launcher.sample(logits, S(temperature=5, top_p=0.01), rng) for _ in range(50)} == {1}
-    with pytest.raises(ValueError):
-        S.parse({"max_new_tokens": 0})
+    S = SamplingParams
+    assert sample(logits, S(), rng) == 1
+    assert {sample(logits, S(temperature=5, top_k=2), rng) for _ in range(200)} == {1, 2}
+    assert {sample(logits, S(temperature=5, top_p=0.01), rng) for _ in range(50)} == {1}
+    for bad in ({"max_new_tokens": 0}, {"top_p": 2.0}, {"temperature": "hot"}, {"top_k": 1.5}, {"nope": 1}, []):
+        with pytest.raises(ValueError):
+            S.parse(bad)
 
 
-def test_launcher_is_self_contained():
-    text = render("launcher.py.j2")
-    compile(text, "launcher.py", "exec")
-    imports = [line.split()[1] for line in text.splitlines() if line.startswith(("import ", "from "))]
-    assert not [m for m in imports if m.split(".")[0] == "llc"], imports
-    assert render("run.sh.j2").rstrip().endswith('exec "${PYTHON:-python3}" launcher.py "$@"')
+def test_device_runtime_is_self_contained():
+    """The device modules import nothing of llc (they run on phones without it) and only each other."""
+    import llc.runtime.device as device
+
+    for path in sorted(Path(device.__file__).parent.glob("*.py")):
+        for line in path.read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                module = line.split()[1]
+                assert module.split(".")[0] != "llc", f"{path.name}: {line}"
+                assert module.split(".")[0] in {"__future__", "argparse", "collections", "dataclasses", "hashlib",
+                                                "json", "logging", "math", "os", "pathlib", "queue", "signal",
+                                                "sys", "threading", "time", "types", "typing", "numpy",
+                                                "onnxruntime", "zmq", ""} or module.startswith("."), line
 
 
 # --- security ------------------------------------------------------------------------------------
 
 
 def test_foreign_keys_are_refused_and_device_keeps_serving(model, reference, target, tmp_path):
-    build = write_build(model, tmp_path / "build", 2)
+    build = compiled_build(model, tmp_path / "build", 2)
     target.start(build, devices(build))
-    head = json.loads((build / "coordinator.json").read_text())["devices"]["dev0"]
+    head = schema.read(build, schema.COORDINATOR).devices[devices(build)[0]]
     ctx = zmq.Context()
     try:
         rogue_pub, rogue_sec = zmq.curve_keypair()
         rogue = ctx.socket(zmq.DEALER)
         rogue.linger = 0
         rogue.curve_publickey, rogue.curve_secretkey = rogue_pub, rogue_sec
-        rogue.curve_serverkey = head["public"].encode()
-        rogue.connect(head["endpoint"])
+        rogue.curve_serverkey = head.public.encode()
+        rogue.connect(head.endpoint)
         plain = ctx.socket(zmq.DEALER)  # no CURVE at all
         plain.linger = 0
-        plain.connect(head["endpoint"])
+        plain.connect(head.endpoint)
         for s in (rogue, plain):
             s.send(b'{"type":"hello"}')
             s.send(b'{"type":"stop"}')
@@ -187,7 +196,7 @@ def test_foreign_keys_are_refused_and_device_keeps_serving(model, reference, tar
         assert target.health() == {}
     finally:
         ctx.destroy(linger=0)
-    assert "refused CURVE client" in target.logs("dev0")
+    assert "refused CURVE client" in target.logs(devices(build)[0])
     with Coordinator(build, health=target.health) as c:
         c.connect()
         (r,) = c.generate(PROMPTS[1:2], SamplingParams(max_new_tokens=8))
@@ -195,33 +204,35 @@ def test_foreign_keys_are_refused_and_device_keeps_serving(model, reference, tar
 
 
 def test_tampered_bundle_refuses_to_start(model, target, tmp_path):
-    build = write_build(model, tmp_path / "build", 2)
-    data = build / "devices" / "dev1" / "segment.onnx.data"
+    build = compiled_build(model, tmp_path / "build", 2)
+    data = build / "devices" / devices(build)[1] / "segment.onnx.data"
     blob = bytearray(data.read_bytes())
     blob[100] ^= 1
     data.write_bytes(bytes(blob))
     with pytest.raises(TargetError) as e:
         target.start(build, devices(build))
-    assert e.value.device == "dev1"
+    assert e.value.device == devices(build)[1]
     assert "sha256 mismatch for segment.onnx.data" in str(e.value)
     assert not target.procs  # the healthy device was stopped too
 
 
 def test_device_error_is_reported_with_its_name(model, target, tmp_path):
-    build = write_build(model, tmp_path / "build", 2)
+    build = compiled_build(model, tmp_path / "build", 2)
     target.start(build, devices(build))
     with Coordinator(build, health=target.health) as c:
         c.connect()
+        c.send(c.head, REQUEST, rid=1, prompt=[1, 2, 3], params={"max_new_tokens": 4, "top_p": 2.0})
         with pytest.raises(DeviceFailure) as e:
-            c.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, top_p=2.0))
-    assert e.value.device == "dev0" and "bad sampling params" in str(e.value)
+            for _ in range(100):
+                list(c.receive(0.1))
+    assert e.value.device == devices(build)[0] and "top_p" in str(e.value)
 
 
 # --- failures: no device left behind -----------------------------------------------------------
 
 
 def start_cli(build: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "llc.runtime.run", str(build), "--prompt", "w5 w6 w7", "--max-new-tokens", "100000", *args]
+    cmd = [sys.executable, "-m", "llc.runtime.run", str(build), "--prompt", "w5 w6 w7", "--max-new-tokens", "90000", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
 
 
@@ -239,7 +250,7 @@ def wait_streaming(proc: subprocess.Popen, build: Path, n_devices: int, timeout:
 
 @pytest.fixture
 def cli_build(model, tmp_path):
-    build = write_build(model, tmp_path / "build", 3, eos_token_ids=[])  # never stops by itself
+    build = compiled_build(model, tmp_path / "build", 3, eos_token_ids=[], max_context=100_000, prompt_tokens=16)  # never stops by itself
     procs: list[subprocess.Popen] = []
     yield build, procs
     for p in procs:  # if a test failed half-way, do not leak what it started
@@ -264,7 +275,7 @@ def test_dead_or_hung_device_ends_run_within_10s(cli_build, how):
     err = err.decode()
     assert proc.returncode == 1, err
     assert took < 10
-    assert "llc run: device 'dev1'" in err, err
+    assert "llc: device 'dev1'" in err, err
     assert ("killed by signal 9" if how == "kill" else "no answer to ping") in err
     assert not wait_gone(list(pids.values()))
 
@@ -282,7 +293,7 @@ def test_killing_llc_run_leaves_no_device(cli_build, sig):
 
 
 def test_cli_streams_and_writes_json(model, reference, tmp_path):
-    build = write_build(model, tmp_path / "build", 2)
+    build = compiled_build(model, tmp_path / "build", 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w5 w6 w7\nw40\nw100 w101 w102 w103 w104\n")
     out = tmp_path / "out.json"
@@ -297,26 +308,21 @@ def test_cli_streams_and_writes_json(model, reference, tmp_path):
         assert r["text"] in proc.stdout
     summary = report["summary"]
     assert summary["tokens"] == sum(len(r["tokens"]) for r in report["results"])
-    assert {"dev0->dev1", "dev1->dev0", "dev1->coordinator"} <= set(summary["hops"])
+    head, tail = devices(build)
+    assert {f"{head}->{tail}", f"{tail}->{head}", f"{tail}->coordinator"} <= set(summary["hops"])
     assert "ms/token" in proc.stderr
-    assert not (build / "run" / "dev0.pid").exists()
+    assert not list((build / "run").glob("*.pid"))
 
 
 def test_targets_registry():
     assert isinstance(make_target("local"), LocalTarget)
-    with pytest.raises(ValueError):
+    with pytest.raises(LlcError):
         make_target("nope")
 
 
 def test_timeline_picture_has_a_row_per_device_and_a_bar_per_step(tmp_path):
     """`llc run --timeline` draws every step each device ran in this run."""
-    from llc.compiler import compile_model
-    from llc.profile import load_profile
-
-    build = tmp_path / "b"
-    profile = load_profile(write_profile(tmp_path / "p.yaml", 2, stages=2, base_port=free_port_range(2)))
-    compile_model(tiny_llama("legacy"), profile, build, quiet=True)
-    write_tokenizer(build / "tokenizer.json", 256)
+    build = compiled_build(tiny_llama("legacy"), tmp_path / "b", 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w5 w9 w11\nw7 w3\n")
     out, res = tmp_path / "timeline.html", tmp_path / "run.json"

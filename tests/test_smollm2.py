@@ -25,7 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_profile
-from handmade_bundles import Reference, free_port_range
+from llc.bundle import schema
+from helpers import Reference, free_port_range
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def all_builds(tmp_path_factory) -> dict[tuple[str, int], Path]:
     secret = tmp_path_factory.getbasetemp() / "build-secret"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLC_SECRET_FILE", str(secret))
-        from llc.compiler.passes.emit import build_secret
+        from llc.compiler.passes.layout import build_secret
 
         build_secret()
     env = dict(os.environ, LLC_SECRET_FILE=str(secret))
@@ -108,10 +109,9 @@ def reference(model) -> Reference:
 @pytest.mark.parametrize("exporter", sorted(EXPORTS))
 def test_compile_and_verify(all_builds, exporter, stages):
     build = all_builds[(exporter, stages)]
-    plan = json.loads((build / "plan.json").read_text())
-    assert len(plan["stages"]) == stages
-    assert all(json.loads((build / "devices" / s["device"] / "manifest.json").read_text())["threads"] == 1
-               for s in plan["stages"])
+    plan = schema.read(build, schema.PLAN)
+    assert len(plan.stages) == stages
+    assert all(schema.read_manifest(build / s.manifest).threads == 1 for s in plan.stages)
     from llc.cli import main
 
     result = CliRunner().invoke(main, ["verify", str(build), "--tolerance", "1e-4"])

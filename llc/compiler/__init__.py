@@ -1,29 +1,43 @@
-"""The compile pipeline: which passes run, in which order, with which options."""
+"""The compiler: the pass registry and the compile pipeline (which passes run, in which order).
+
+    load -> simplify -> past-length -> annotate-cost -> coarsen      (analysis_passes: the model alone)
+         -> partition -> comm-map -> layout -> split -> emit         (for a device profile)
+
+A compile whose inputs (the model's and its data's hashes, the profile's, the
+options, the llc version) equal those recorded in an intact build is a no-op:
+only load runs, to hash the model, and the build is left as it is.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 import onnx
 
-from llc.errors import LlcError
-from llc.compiler.state import CompileState
+from llc.bundle import schema
 from llc.compiler.passes.annotate_cost import AnnotateCost
 from llc.compiler.passes.coarsen import Coarsen
 from llc.compiler.passes.comm_map import CommMap
 from llc.compiler.passes.emit import Emit
+from llc.compiler.passes.layout import LayoutPass, build_inputs
 from llc.compiler.passes.load import Load
 from llc.compiler.passes.partition import Partition
 from llc.compiler.passes.past_length import PastLength
 from llc.compiler.passes.simplify import Simplify
+from llc.compiler.passes.split import Split
 from llc.compiler.pipeline import PassManager
+from llc.compiler.segment import sha256_file
+from llc.compiler.state import CompileState
+from llc.errors import LlcError
 from llc.profile import Profile, Workload
 
 # one explicit registry: name -> pass class (a test checks each key is the pass's own name)
-PASSES = {p.name: p for p in (Load, Simplify, PastLength, AnnotateCost, Coarsen, Partition, CommMap, Emit)}
+PASSES = {p.name: p for p in (Load, Simplify, PastLength, AnnotateCost, Coarsen, Partition, CommMap, LayoutPass,
+                              Split, Emit)}
 
 
 def eos_ids_beside(model: Path) -> tuple[int, ...]:
@@ -42,26 +56,60 @@ def analysis_passes(simplify: bool = True, granularity: str = "layer") -> list:
     return [Load(), Simplify(enabled=simplify), PastLength(), AnnotateCost(), Coarsen(granularity=granularity)]
 
 
-def new_state(model: Path, profile: Profile, workload: Workload) -> CompileState:
+def new_state(model: Path, profile: Profile | None, workload: Workload) -> CompileState:
     return CompileState(source=Path(model), model=onnx.ModelProto(), data_dir=Path(model).parent,
                         profile=profile, workload=workload)
+
+
+def build_options(workload: Workload, simplify: bool, granularity: str, split: str | None,
+                  eos: tuple[int, ...]) -> dict[str, str]:
+    """The compile options that shape a build, as text (a split file by its content's hash)."""
+    how = split or "mip"
+    if split not in (None, "even", "memory"):
+        try:
+            how = f"file {hashlib.sha256(Path(split).read_bytes()).hexdigest()}"
+        except OSError as e:
+            raise LlcError(split, f"cannot read split file ({e.strerror or e})") from None
+    return {"workload": json.dumps(dataclasses.asdict(workload), sort_keys=True), "simplify": str(simplify),
+            "granularity": granularity, "split": how, "eos_token_ids": json.dumps(list(eos))}
+
+
+def up_to_date(out_dir: Path, inputs: dict) -> str | None:
+    """The build id if ``out_dir`` is an intact build of exactly these inputs, else None."""
+    try:
+        build = schema.open_build(out_dir)
+        if dataclasses.asdict(build.plan.inputs) != inputs:
+            return None
+        for device in build.devices:
+            m = build.manifest(device)
+            folder = out_dir / "devices" / device
+            if m.build_id != build.build_id or any(
+                    not (folder / f).is_file() or sha256_file(folder / f) != h for f, h in m.files.items()):
+                return None
+    except LlcError:
+        return None
+    return build.build_id
 
 
 def compile_model(model: Path, profile: Profile, out_dir: Path, *, workload: Workload | None = None,
                   simplify: bool = True, granularity: str = "layer", dump_after: set[str] = frozenset(),
                   quiet: bool = False, eos_token_ids: tuple[int, ...] | None = None,
-                  split: str | None = None) -> tuple[CompileState, PassManager]:
+                  split: str | None = None, force: bool = False) -> tuple[CompileState, PassManager]:
+    """Compile ``model`` for ``profile`` into ``out_dir``; ``state.up_to_date`` if nothing had to change."""
     workload = workload or profile.workload
     eos = eos_token_ids if eos_token_ids is not None else eos_ids_beside(Path(model))
-    pm = PassManager(
-        passes=analysis_passes(simplify, granularity) + [
-            Partition(split=split), CommMap(), Emit(out_dir=Path(out_dir), eos_token_ids=eos)],
-        dump_after=set(dump_after),
-        dump_dir=Path(out_dir).resolve().parent,
-        progress=None if quiet else (lambda m: print(f"llc: {m}", file=sys.stderr, flush=True)),
-    )
-    state = pm.run(new_state(model, profile, workload))
-    return state, pm
+    progress = None if quiet else (lambda m: print(f"llc: {m}", file=sys.stderr, flush=True))
+    passes = analysis_passes(simplify, granularity) + [
+        Partition(split=split), CommMap(), LayoutPass(), Split(), Emit(out_dir=Path(out_dir), eos_token_ids=eos)]
+    pm = PassManager(passes=passes, dump_after=set(dump_after), dump_dir=Path(out_dir).resolve().parent,
+                     progress=progress)
+    state = new_state(model, profile, workload)
+    state.options = build_options(workload, simplify, granularity, split, eos)
+    state = pm.run(state, stop_after="load")
+    if not force and up_to_date(Path(out_dir), build_inputs(state)):
+        state.up_to_date = True
+        return state, pm
+    return pm.run(state, start_after="load"), pm
 
 
 def with_overrides(w: Workload, **kw) -> Workload:

@@ -48,9 +48,14 @@ class PassManager:
     progress: Callable[[str], None] | None = None
     timings: list[PassTiming] = field(default_factory=list)
 
-    def run(self, state: CompileState) -> CompileState:
-        done: list[str] = []
-        for i, p in enumerate(self.passes):
+    def run(self, state: CompileState, start_after: str | None = None, stop_after: str | None = None
+            ) -> CompileState:
+        """Run the passes in order (those after ``start_after``, up to and including ``stop_after``)."""
+        names = [p.name for p in self.passes]
+        first = names.index(start_after) + 1 if start_after else 0
+        last = names.index(stop_after) + 1 if stop_after else len(names)
+        done: list[str] = names[:first]
+        for i, p in list(enumerate(self.passes))[first:last]:
             if self.progress:
                 self.progress(f"[{i + 1}/{len(self.passes)}] {p.name} ...")
             t0 = time.perf_counter()

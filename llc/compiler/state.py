@@ -76,7 +76,6 @@ class NodeCost:
     flops_decode: float = 0.0
     weight_bytes: int = 0  # initializers first used by this node
     act_bytes_prefill: int = 0  # outputs of this node
-    act_bytes_decode: int = 0
     kv_bytes: int = 0  # KV cache this node produces, at max context, one request
 
 
@@ -95,7 +94,6 @@ class Block:
     workspace_bytes: int = 0  # largest prefill activation, twice (in and out)
     cut_bytes_prefill: int = 0  # bytes crossing the cut after this block
     cut_bytes_decode: int = 0
-    cut_tensors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,12 +114,11 @@ class StagePlan:
 class Plan:
     stages: tuple[StagePlan, ...]
     objective: str
-    objective_ms: float
+    split: str  # "mip", or the fixed split given (even, memory, a file)
     decode_ms: float  # one request: every stage and every hop, per token
     prefill_ms: float
     bottleneck_ms: float  # slowest stage or hop: the pipeline's beat
     solve_seconds: float
-    solver_status: str
 
 
 @dataclass(frozen=True)
@@ -136,6 +133,42 @@ class CommEdge:
     consumer_stages: tuple[int, ...]
     bytes_decode: int  # one decode token
     bytes_prefill: int  # the whole prompt
+
+
+@dataclass(frozen=True)
+class Digests:
+    """sha256 of the model file and of each external data file it uses (the build's identity)."""
+
+    model: str
+    data: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DeviceNetwork:
+    """Where a device listens (bind), how others reach it (endpoint), and its CURVE key pair."""
+
+    bind: str
+    endpoint: str
+    public: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    build_id: str
+    devices: dict[str, DeviceNetwork]
+    coordinator_public: str
+    coordinator_secret: str
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """The nodes of one stage's segment (its own and the constants it reads) and its inputs and outputs."""
+
+    stage: int
+    nodes: tuple[int, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
 
 
 @dataclass
@@ -153,18 +186,15 @@ class CompileState:
     blocks: list[Block] = field(default_factory=list)
     plan: Plan | None = None
     comm: list[CommEdge] = field(default_factory=list)
+    digests: Digests | None = None
+    options: dict[str, str] = field(default_factory=dict)  # compile options that shape the build
+    layout: Layout | None = None
+    segments: list[SegmentPlan] = field(default_factory=list)
+    up_to_date: bool = False  # compile found an intact build of the same inputs and left it
     notes: list[str] = field(default_factory=list)  # things the user should know
 
 
 # ---------------------------------------------------------------- graph helpers
-
-
-def initializer_names(graph: onnx.GraphProto) -> set[str]:
-    return {t.name for t in graph.initializer}
-
-
-def producers(graph: onnx.GraphProto) -> dict[str, int]:
-    return {o: i for i, n in enumerate(graph.node) for o in n.output if o}
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:

@@ -52,6 +52,8 @@ from pathlib import Path
 import click
 import yaml
 
+from llc.errors import LabError, one_line_errors
+
 ADBD = "/usr/lib/android-sdk/platform-tools/adbd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 CGROUP_CPUSET = Path("/sys/fs/cgroup/cpuset")
@@ -81,10 +83,6 @@ netns=$4
 shift 5
 exec nsenter --net="$netns" "$@"
 """
-
-
-class LabError(RuntimeError):
-    """A lab step failed; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -587,6 +585,7 @@ _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default
 @click.option("--name", "lab_name", default="llc", show_default=True, help="Prefix of the lab's bridge, namespaces, cgroup.")
 @click.option("--subnet", default="10.77.0", show_default=True, help="First three octets of the lab network.")
 @_state_opt
+@one_line_errors
 def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
     """Bring up N phones and print where they are (also written to STATE_DIR/lab.json)."""
     cpus = [float(c) for c in _split(cpu, n, "--cpu")]
@@ -594,10 +593,7 @@ def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
     name_list = _split(names, n, "--names") if names else [None] * n
     specs = [PhoneSpec(name=nm, cpu=c, rate=r) for nm, c, r in zip(name_list, cpus, rates)]
     the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name, subnet=subnet)
-    try:
-        phones = the_lab.up(specs)
-    except LabError as e:
-        raise click.ClickException(str(e)) from e
+    phones = the_lab.up(specs)
     click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us, core)':<30} {'rate':<10} /data/local/tmp is")
     for p in phones:
         click.echo(f"{p.name:<12} {p.serial:<18} {f'{p.cpu} ({p.cpu_quota_us}/{p.cpu_period_us}, {p.core})':<30} "
@@ -608,13 +604,11 @@ def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
 
 @lab.command("status")
 @_state_opt
+@one_line_errors
 def status_cmd(state_dir) -> None:
     """Show each phone: adbd alive, namespace present, adb state."""
-    try:
-        the_lab = Lab.load(state_dir)
-        rows = the_lab.status()
-    except LabError as e:
-        raise click.ClickException(str(e)) from e
+    the_lab = Lab.load(state_dir)
+    rows = the_lab.status()
     click.echo(f"adb server: tcp:localhost:{the_lab.adb_port}")
     for r in rows:
         click.echo("  ".join(f"{k}={v}" for k, v in r.items()))
@@ -626,16 +620,14 @@ def status_cmd(state_dir) -> None:
 @click.option("--name", "lab_name", default="llc", show_default=True, help="Prefix, used when there is no lab.json.")
 @click.option("--adb-port", default=DEFAULT_ADB_PORT, show_default=True, help="Used when there is no lab.json.")
 @_state_opt
+@one_line_errors
 def down_cmd(lab_name, adb_port, state_dir) -> None:
     """Remove every phone, namespace, veth, bridge, cgroup and the lab's adb server."""
     try:
-        try:
-            the_lab = Lab.load(state_dir)
-        except LabError:
-            the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name)
-        the_lab.down()
-    except LabError as e:
-        raise click.ClickException(str(e)) from e
+        the_lab = Lab.load(state_dir)
+    except LabError:
+        the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name)
+    the_lab.down()
     click.echo("lab down")
 
 

@@ -1,4 +1,4 @@
-"""The coordinator: the `llc run` side of the runtime protocol (docs/BUNDLE.md).
+"""The coordinator: the host side of the runtime protocol (llc.runtime.device.protocol).
 
 It connects a CURVE DEALER to every device of a build, says hello, submits
 requests to the head and collects the tokens the tail sends back. It never
@@ -7,86 +7,33 @@ touches tensors: activations flow device to device and KV caches stay put.
 Failure is the normal case on phones, so every wait is bounded: a device that
 reports an error, whose process is gone (the target's ``health``), or that stops
 answering pings ends the run with :class:`DeviceFailure` naming it, within
-``ping_after + dead_after`` seconds of the last progress.
+``ping_after + dead_after`` seconds of the last progress. Requests still in
+flight when a run fails or is interrupted are cancelled on every device that
+still listens, so no KV cache is left behind.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import zmq
 
+from llc.bundle import schema
+from llc.errors import DeviceError, LlcError
+from llc.runtime.device import protocol
+from llc.runtime.device.protocol import END, ERROR, HELLO, PING, PONG, REQUEST, STATS, STOP, TOKEN
+from llc.runtime.device.sampling import SamplingParams
+
 Health = Callable[[], dict[str, str]]  # device -> problem, for devices known to be dead
+MAX_MESSAGE_BYTES = 64 << 20  # what the coordinator takes from a device (stats with events are the largest)
 
 
-class DeviceFailure(RuntimeError):
+class DeviceFailure(DeviceError):
     """A device died, hung, or reported an error; the run cannot go on."""
-
-    def __init__(self, device: str, reason: str):
-        self.device = device
-        self.reason = reason
-        super().__init__(f"device {device!r}: {reason}")
-
-
-@dataclass(frozen=True)
-class DeviceLink:
-    """How the coordinator reaches one device (from build/coordinator.json)."""
-
-    name: str
-    stage: int
-    endpoint: str
-    public: str
-
-
-@dataclass(frozen=True)
-class BuildInfo:
-    """What the runtime needs from a build directory: stage order, keys, endpoints."""
-
-    build_dir: Path
-    devices: tuple[DeviceLink, ...]  # in stage order
-    public: str
-    secret: str
-    build_id: str | None
-    targets: dict[str, str]  # device -> target name (local, adb)
-
-    @staticmethod
-    def load(build_dir: str | Path) -> "BuildInfo":
-        build_dir = Path(build_dir)
-        plan = json.loads((build_dir / "plan.json").read_text())
-        keys = json.loads((build_dir / "coordinator.json").read_text())
-        stages = sorted(plan["stages"], key=lambda s: s.get("index", s.get("stage", 0)))
-        plan_devices = plan.get("devices", {})
-        if isinstance(plan_devices, list):
-            plan_devices = {d["name"]: d for d in plan_devices}
-        links, targets = [], {}
-        for i, s in enumerate(stages):
-            name = s["device"]
-            where = keys["devices"].get(name)
-            if where is None:
-                raise ValueError(f"{build_dir / 'coordinator.json'}: no endpoint for device {name!r}")
-            links.append(DeviceLink(name, i, where["endpoint"], where["public"]))
-            targets[name] = s.get("target") or plan_devices.get(name, {}).get("target") or "local"
-        return BuildInfo(build_dir, tuple(links), keys["public"], keys["secret"], plan.get("build_id"), targets)
-
-    @property
-    def names(self) -> list[str]:
-        return [d.name for d in self.devices]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Sent with every request; the tail samples with them (temperature 0 = greedy)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 @dataclass
@@ -124,6 +71,7 @@ class StageStats:
     decode_ms: float
     decode_steps: int
     bytes_sent: dict[str, int]
+    active: int
     events: list = field(default_factory=list)  # (rid, step, start, end), device wall clock
 
     @property
@@ -136,7 +84,7 @@ class Coordinator:
 
     def __init__(self, build_dir: str | Path, *, health: Health | None = None, ping_after: float = 1.0,
                  dead_after: float = 4.0, stall_after: float = 300.0):
-        self.build = BuildInfo.load(build_dir)
+        self.build = schema.open_build(Path(build_dir))
         self.health = health
         self.ping_after = ping_after  # no progress for this long: ping everyone
         self.dead_after = dead_after  # a ping unanswered this long: the device is gone
@@ -147,21 +95,28 @@ class Coordinator:
         self._by_sock: dict[zmq.Socket, str] = {}
         self._awaiting_pong: dict[str, float] = {}
         self._tokenizer = None
-        for d in self.build.devices:
+        keys = self.build.keys
+        for name in self.build.devices:
+            d = keys.devices[name]
             s = self.ctx.socket(zmq.DEALER)
             s.linger = 0
-            s.curve_publickey = self.build.public.encode()
-            s.curve_secretkey = self.build.secret.encode()
+            s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            s.curve_publickey = keys.public.encode()
+            s.curve_secretkey = keys.secret.encode()
             s.curve_serverkey = d.public.encode()
             s.connect(d.endpoint)
-            self.socks[d.name] = s
-            self._by_sock[s] = d.name
+            self.socks[name] = s
+            self._by_sock[s] = name
             self.poller.register(s, zmq.POLLIN)
+
+    @property
+    def head(self) -> str:
+        return self.build.devices[0]
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def close(self, linger_ms: int = 500) -> None:
-        """Close the sockets; ``linger_ms`` lets a just-sent stop reach live devices."""
+        """Close the sockets; ``linger_ms`` lets the last messages (stop, cancels) reach live devices."""
         for s in self.socks.values():
             s.close(linger=linger_ms)
         self.ctx.term()
@@ -172,10 +127,10 @@ class Coordinator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def send(self, device: str, header: dict) -> None:
-        self.socks[device].send(json.dumps(header).encode())
+    def send(self, device: str, kind: str, **fields) -> None:
+        self.socks[device].send_multipart(protocol.pack(kind, **fields))
 
-    def _receive(self, timeout_s: float) -> Iterator[tuple[str, dict]]:
+    def receive(self, timeout_s: float) -> Iterator[tuple[str, protocol.Message]]:
         """Messages that arrive within ``timeout_s`` (all that are queued, at least one wait)."""
         for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000))):
             while True:
@@ -184,12 +139,15 @@ class Coordinator:
                 except zmq.Again:
                     break
                 device = self._by_sock[sock]
-                header = json.loads(frames[0])
-                if header.get("type") == "pong":
+                try:
+                    msg = protocol.unpack(frames)
+                except protocol.ProtocolError as e:
+                    raise DeviceFailure(device, f"sent a malformed message ({e})") from None
+                if msg.type == PONG:
                     self._awaiting_pong.pop(device, None)
-                elif header.get("type") == "error":
-                    raise DeviceFailure(header.get("device", device), f"reported: {header.get('message')}")
-                yield device, header
+                elif msg.type == ERROR:
+                    raise DeviceFailure(msg["device"], f"reported: {msg['message']}")
+                yield device, msg
 
     def _check_health(self) -> None:
         if self.health:
@@ -201,7 +159,7 @@ class Coordinator:
         for name in self.socks:
             if name not in self._awaiting_pong:
                 self._awaiting_pong[name] = now
-                self.send(name, {"type": "ping", "t": time.time()})
+                self.send(name, PING, t=time.time())
 
     def _check_pongs(self) -> None:
         now = time.monotonic()
@@ -209,111 +167,122 @@ class Coordinator:
             if now - since > self.dead_after:
                 raise DeviceFailure(name, f"no answer to ping for {now - since:.1f} s")
 
-    # -- the protocol --------------------------------------------------------------------------
-
-    def connect(self, timeout: float = 30.0) -> dict[str, dict]:
-        """Say hello to every device (they learn where to send tokens); check stage and build id."""
+    def _collect(self, kind: str, timeout: float) -> dict[str, protocol.Message]:
+        """Send ``kind`` to every device and wait for each one's reply of the same type."""
         for name in self.socks:
-            self.send(name, {"type": "hello"})
-        replies: dict[str, dict] = {}
+            self.send(name, kind)
+        got: dict[str, protocol.Message] = {}
         deadline = time.monotonic() + timeout
-        while len(replies) < len(self.socks):
+        while len(got) < len(self.socks):
             self._check_health()
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = [n for n in self.socks if n not in replies]
-                raise DeviceFailure(missing[0], f"did not answer hello within {timeout:.0f} s")
-            for device, h in self._receive(min(left, 0.1)):
-                if h.get("type") == "hello":
-                    replies[device] = h
-        for d in self.build.devices:
-            h = replies[d.name]
-            if h.get("stage") != d.stage or h.get("device") != d.name:
-                raise DeviceFailure(d.name, f"answers as {h.get('device')!r} stage {h.get('stage')}, "
-                                            f"the plan says stage {d.stage}")
-            want = self.build.build_id or replies[self.build.devices[0].name].get("build_id")
-            if want and h.get("build_id") != want:
-                raise DeviceFailure(d.name, f"runs build {h.get('build_id')}, not {want}: redeploy it")
+                missing = [n for n in self.socks if n not in got]
+                raise DeviceFailure(missing[0], f"did not answer {kind} within {timeout:.0f} s")
+            for device, msg in self.receive(min(left, 0.1)):
+                if msg.type == kind:
+                    got[device] = msg
+        return got
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 30.0) -> dict[str, protocol.Message]:
+        """Say hello to every device (they learn where to send tokens); check stage and build id."""
+        replies = self._collect(HELLO, timeout)
+        for stage, name in enumerate(self.build.devices):
+            h = replies[name]
+            if h.get("stage") != stage or h.get("device") != name:
+                raise DeviceFailure(name, f"answers as {h.get('device')!r} stage {h.get('stage')}, "
+                                          f"the plan says stage {stage}")
+            if h.get("build_id") != self.build.build_id:
+                raise DeviceFailure(name, f"runs build {h.get('build_id')}, not {self.build.build_id}: redeploy it")
         return replies
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, concurrency: int = 1,
                  on_token: Callable[[RequestResult, int, bool], None] | None = None) -> list[RequestResult]:
-        """Run every prompt, keeping up to ``concurrency`` requests in the pipeline at once."""
+        """Run every prompt, keeping up to ``concurrency`` requests in the pipeline at once.
+
+        If it fails or is interrupted, the requests in flight are cancelled on every device.
+        """
         results = [RequestResult(i, list(p)) for i, p in enumerate(prompts)]
-        head = self.build.devices[0].name
         base = secrets.randbelow(1 << 40) << 20  # request ids unique across runs on long-lived devices
         queue = list(reversed(results))
         active: dict[int, RequestResult] = {}
         last_progress = time.monotonic()
-        while queue or active:
-            while queue and len(active) < max(1, concurrency):
-                r = queue.pop()
-                r.submitted = time.monotonic()
-                active[r.index] = r
-                self.send(head, {"type": "request", "rid": base + r.index, "prompt": r.prompt,
-                                 "params": asdict(params)})
-            for device, h in self._receive(0.1):
-                if h.get("type") != "token":
-                    continue
-                r = active.get(int(h["rid"]) - base)
-                if r is None or int(h["step"]) != len(r.tokens):
-                    continue  # a duplicate or a request from an earlier run: not ours
-                now = time.monotonic()
-                last_progress = now
-                r.tokens.append(int(h["token"]))
-                if r.first_token is None:
-                    r.first_token = now
-                if h.get("done"):
-                    r.finished = now
-                    del active[r.index]
-                if on_token:
-                    on_token(r, r.tokens[-1], bool(h.get("done")))
-            self._check_health()
-            idle = time.monotonic() - last_progress
-            if idle > self.ping_after:
-                self._ping_all()
-            self._check_pongs()
-            if idle > self.stall_after:
-                raise DeviceFailure(head, f"no token for {idle:.0f} s although every device answers pings")
+        try:
+            while queue or active:
+                while queue and len(active) < max(1, concurrency):
+                    r = queue.pop()
+                    r.submitted = time.monotonic()
+                    active[r.index] = r
+                    self.send(self.head, REQUEST, rid=base + r.index, prompt=r.prompt, params=params.to_dict())
+                for device, msg in self.receive(0.1):
+                    if msg.type != TOKEN:
+                        continue
+                    r = active.get(msg["rid"] - base)
+                    if r is None or msg["step"] != len(r.tokens):
+                        continue  # a duplicate or a request from an earlier run: not ours
+                    now = last_progress = time.monotonic()
+                    r.tokens.append(msg["token"])
+                    if r.first_token is None:
+                        r.first_token = now
+                    if msg["done"]:
+                        r.finished = now
+                        del active[r.index]
+                    if on_token:
+                        on_token(r, r.tokens[-1], msg["done"])
+                self._check_health()
+                idle = time.monotonic() - last_progress
+                if idle > self.ping_after:
+                    self._ping_all()
+                self._check_pongs()
+                if idle > self.stall_after:
+                    raise DeviceFailure(self.head, f"no token for {idle:.0f} s although every device answers pings")
+        except BaseException:
+            self.cancel([base + i for i in active])
+            raise
         return results
+
+    def cancel(self, rids: list[int]) -> None:
+        """Free these requests on every device (each frees its own; nobody forwards)."""
+        for name, sock in self.socks.items():
+            for rid in rids:
+                try:
+                    sock.send_multipart(protocol.pack(END, rid=rid, forward=False), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break  # that device is gone or not reading; nothing to free there
 
     def stats(self, timeout: float = 5.0) -> list[StageStats]:
         """Each device's compute time and bytes sent so far."""
-        for name in self.socks:
-            self.send(name, {"type": "stats"})
-        got: dict[str, dict] = {}
-        deadline = time.monotonic() + timeout
-        while len(got) < len(self.socks):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = [n for n in self.socks if n not in got]
-                raise DeviceFailure(missing[0], f"did not answer stats within {timeout:.0f} s")
-            for device, h in self._receive(min(left, 0.1)):
-                if h.get("type") == "stats":
-                    got[device] = h
-        out = []
-        for d in self.build.devices:
-            h = got[d.name]
-            out.append(StageStats(d.name, d.stage, h["compute_ms"]["prefill"], h["steps"]["prefill"],
-                                  h["compute_ms"]["decode"], h["steps"]["decode"], dict(h["bytes_sent"]),
-                                  list(h.get("events", []))))
-        return out
+        got = self._collect(STATS, timeout)
+        return [StageStats(name, got[name]["stage"], got[name]["compute_ms"]["prefill"],
+                           got[name]["steps"]["prefill"], got[name]["compute_ms"]["decode"],
+                           got[name]["steps"]["decode"], dict(got[name]["bytes_sent"]), got[name]["active"],
+                           list(got[name].get("events", [])))
+                for name in self.build.devices]
 
     def stop_devices(self) -> None:
         """Ask every device to exit; the target makes sure they did."""
         for name in self.socks:
-            self.send(name, {"type": "stop"})
+            self.send(name, STOP)
 
     def tokenizer(self):
         """The model's HF tokenizer from build/tokenizer.json (loaded on first use)."""
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            path = self.build.build_dir / "tokenizer.json"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no tokenizer in the build (was tokenizer.json beside the model?)")
-            self._tokenizer = Tokenizer.from_file(str(path))
+            self._tokenizer = load_tokenizer(self.build.dir)
         return self._tokenizer
+
+
+def load_tokenizer(build_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(build_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise LlcError(path, "no tokenizer in the build (was tokenizer.json beside the model?)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type
+        raise LlcError(path, f"not a tokenizer ({str(e)[:80]})") from None
 
 
 def wait_ready(build_dir: str | Path, devices: list[str] | None = None, timeout: float = 30.0,
@@ -323,7 +292,7 @@ def wait_ready(build_dir: str | Path, devices: list[str] | None = None, timeout:
         if devices is not None:
             unknown = set(devices) - set(c.socks)
             if unknown:
-                raise ValueError(f"devices not in the build: {sorted(unknown)}")
+                raise LlcError(build_dir, f"devices not in the build: {sorted(unknown)}")
         c.connect(timeout)
 
 

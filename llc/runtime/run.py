@@ -10,27 +10,40 @@ import json
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from llc.runtime.coordinator import BuildInfo, Coordinator, DeviceFailure, RequestResult, SamplingParams, StageStats, TextStream
-from llc.targets.base import Target, TargetError, make_target
+from llc.bundle import schema
+from llc.errors import DeviceError, LlcError, one_line_errors
+from llc.runtime.coordinator import Coordinator, RequestResult, StageStats, TextStream, load_tokenizer
+from llc.runtime.device.sampling import SamplingParams
+from llc.targets.base import Target, make_target
 
 
-class BadInput(click.ClickException):
-    exit_code = 2
+def check_requests(build: schema.Build, head: schema.Manifest, prompts: list[list[int]], max_new_tokens: int,
+                   concurrency: int) -> None:
+    """Refuse up front what the devices would refuse later: a request that cannot fit the build."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise LlcError(None, f"prompt {i + 1} is empty (no tokens)")
+        if len(p) + max_new_tokens > head.max_context:
+            raise LlcError(None, f"prompt {i + 1} ({len(p)} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                                 f"the build's max context of {head.max_context} tokens (compile with a larger "
+                                 f"--max-context)")
+    if concurrency > head.max_requests:
+        raise LlcError(None, f"--concurrency {concurrency} exceeds the {head.max_requests} request(s) the build "
+                             f"reserved KV cache for (compile with --requests {concurrency})")
 
 
 def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     if (prompt is None) == (prompts_file is None):
-        raise click.UsageError("give exactly one of --prompt or --prompts FILE")
+        raise LlcError(None, "give exactly one of --prompt or --prompts FILE")
     if prompt is not None:
         return [prompt]
     lines = [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not lines:
-        raise click.UsageError(f"{prompts_file}: no prompts (one per line)")
+        raise LlcError(prompts_file, "no prompts (one per line)")
     return lines
 
 
@@ -103,19 +116,24 @@ def _print_summary(summary: dict) -> None:
 @click.option("--attach", is_flag=True, help="Devices are already running (e.g. after `llc deploy`): "
                                              "do not start or stop them.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the devices to start.")
+@one_line_errors
 def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
         top_k: int, top_p: float, seed: int | None, concurrency: int, json_path: Path | None,
         target_name: str | None, attach: bool, timeout: float, timeline_path: Path | None = None) -> None:
     """Generate text with the devices of BUILD_DIR (the output of `llc compile`)."""
     texts = _prompts(prompt, prompts_file)
+    build = schema.open_build(build_dir)
+    head = build.manifest(build.devices[0])
+    tok = load_tokenizer(build_dir)  # before anything starts: a build without one fails at once
+    prompts = [tok.encode(t).ids for t in texts]
+    check_requests(build, head, prompts, max_new_tokens, concurrency)
     try:
-        build = BuildInfo.load(build_dir)
-    except (OSError, KeyError, ValueError) as e:
-        raise BadInput(f"{build_dir}: not a build directory ({e})") from e
-    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
-    names = sorted(set(build.targets.values()))
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    except ValueError as e:
+        raise LlcError(None, str(e)) from None
+    names = sorted({s.target for s in build.plan.stages})
     if target_name is None and len(names) > 1:
-        raise click.UsageError(f"the plan mixes targets {names}; pick one with --target")
+        raise LlcError(None, f"the plan mixes targets {names}; pick one with --target")
     # After `llc deploy` the phones already run this build: attach, and watch them for health and logs.
     watcher = None
     if target_name is None and names == ["adb"]:
@@ -134,11 +152,9 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
     try:
         if target is not None:
             click.echo(f"starting {len(build.devices)} device(s) with target {target.name} ...", err=True)
-            target.start(build_dir, build.names)
+            target.start(build_dir, build.devices)
         coord = Coordinator(build_dir, health=monitor.health if monitor else None)
         coord.connect(timeout)
-        tok = coord.tokenizer()
-        prompts = [tok.encode(t).ids for t in texts]
         streams = [TextStream(tok) for _ in prompts]
         single = len(prompts) == 1
 
@@ -168,24 +184,16 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
             click.echo(f"timeline: {timeline_path}", err=True)
         _print_summary(summary)
         if json_path:
-            out = {"params": asdict(params), "concurrency": concurrency, "summary": summary,
+            out = {"params": params.to_dict(), "concurrency": concurrency, "summary": summary,
                    "results": [{"prompt": texts[r.index], "prompt_ids": r.prompt, "tokens": r.tokens, "text": r.text,
                                 "ttft_ms": r.ttft_ms, "ms_per_token": r.ms_per_token} for r in results]}
             json_path.write_text(json.dumps(out, indent=2) + "\n")
         if target is not None:
             coord.stop_devices()
-    except (DeviceFailure, TargetError) as e:
-        click.echo(f"llc run: {e}", err=True)
-        if monitor is not None:
-            tail = [line for line in monitor.logs(e.device).splitlines() if line.strip()][-5:]
-            for line in tail:
-                click.echo(f"  {e.device}| {line}", err=True)
-        sys.exit(1)
-    except FileNotFoundError as e:
-        raise BadInput(str(e)) from e
-    except KeyboardInterrupt:
-        click.echo("llc run: interrupted", err=True)
-        sys.exit(130)
+    except DeviceError as e:
+        if monitor is not None:  # the device's last words, under the one-line error
+            e.details = [f"{e.device}| {line}" for line in monitor.logs(e.device).splitlines() if line.strip()][-5:]
+        raise
     finally:
         if coord is not None:  # a stop was sent only to devices this run started, and they are stopped below
             coord.close(linger_ms=0 if target is not None else 500)

@@ -1,23 +1,29 @@
-"""llc verify: run the split stages in order and compare with the unsplit model.
+"""llc verify: run the build's stages as the devices would, and compare with the unsplit model.
 
-Both run in onnxruntime on this machine with the same inputs: a prefill of a
-few random tokens with an empty KV cache, then a decode step with the cache the
-prefill produced. Every graph output (logits and each present.*) is compared;
-the build is good when the largest absolute difference is within tolerance.
-This also checks the simplify pass, since the stages come from the simplified
-graph and the reference is the model the user gave.
+The split side is the split runner: every stage from its own manifest, inputs
+it builds or receives per the manifests' sends, the real message framing. The
+reference is the model the user gave, in one onnxruntime session, fed the same
+tokens: a prefill of a few random tokens with an empty KV cache, then a decode
+step of one more token on the prefill's cache. Every graph output (logits and
+each present) is compared at both steps. This also checks simplify and every
+graph rewrite, since the stages come from the rewritten graph.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from llc.bundle import schema
 from llc.errors import LlcError
+from llc.runtime.splitrun import SplitRunner
+
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
 @dataclass(frozen=True)
@@ -27,74 +33,93 @@ class OutputDiff:
     max_abs_diff: float
 
 
-def _session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+class Unsplit:
+    """The model the user gave, in one onnxruntime session: the ground truth.
 
+    Its inputs are built from the roles of its signature (the plan's, or found
+    by the compiler's load pass), never from an exporter's names.
+    """
 
-def _feeds(sess: ort.InferenceSession, roles: dict[str, str], kv_axis: dict[str, int],
-           tokens: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
-    seq = tokens.shape[1]
-    feeds = {}
-    for i in sess.get_inputs():
-        role = roles.get(i.name)
-        if role == "input_ids":
-            feeds[i.name] = tokens
-        elif role == "attention_mask":
-            feeds[i.name] = np.ones((1, past_len + seq), dtype=np.int64)
-        elif role == "position_ids":
-            feeds[i.name] = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]
-        elif role == "kv":
-            if i.name in past:
-                feeds[i.name] = past[i.name]
+    def __init__(self, path: Path, model: schema.ModelDoc | None = None, threads: int = 1):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        if model is None:
+            import onnx
+
+            from llc.compiler.passes.load import detect_signature
+
+            sig = detect_signature(onnx.load(str(path), load_external_data=False), Path(path))
+            model = schema.ModelDoc(str(path), sig.logits, tuple(schema.KVDoc(b.past, b.present, b.seq_axis)
+                                                                 for b in sig.kv), dict(sig.input_roles))
+        self.model = model
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def feeds(self, tokens: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
+        """Inputs for ``tokens`` [1, S] after ``past_len`` cached ones (``past``: input name -> cache)."""
+        seq = tokens.shape[1]
+        kv_axis = {k.past: k.seq_axis for k in self.model.kv}
+        feeds = {}
+        for i in self.session.get_inputs():
+            role = self.model.input_roles.get(i.name)
+            dtype = np.dtype(ORT_TYPES[i.type])
+            if role == "input_ids":
+                feeds[i.name] = tokens.astype(dtype)
+            elif role == "attention_mask":
+                feeds[i.name] = np.ones((1, past_len + seq), dtype=dtype)
+            elif role == "position_ids":
+                feeds[i.name] = np.arange(past_len, past_len + seq, dtype=dtype)[None, :]
+            elif role == "kv":
+                feeds[i.name] = past.get(i.name, np.zeros(
+                    [0 if a == kv_axis[i.name] else (d if isinstance(d, int) else 1) for a, d in enumerate(i.shape)],
+                    dtype=dtype))
             else:
-                shape = [0 if a == kv_axis[i.name] else (d if isinstance(d, int) else 1)
-                         for a, d in enumerate(i.shape)]
-                feeds[i.name] = np.zeros(shape, dtype=np.float32)
-        else:
-            raise LlcError(None, f"verify: do not know how to feed model input {i.name}")
-    return feeds
+                raise LlcError(None, f"do not know how to feed model input {i.name}")
+        return feeds
+
+    def step(self, tokens: np.ndarray, past: dict[str, np.ndarray], past_len: int
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """All outputs for one step, and the cache for the next (input name -> present)."""
+        out = dict(zip(self.names, self.session.run(None, self.feeds(tokens, past, past_len))))
+        return out, {k.past: out[k.present] for k in self.model.kv}
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> list[int]:
+        ids, past, n_past, out = list(prompt), {}, 0, []
+        while len(out) < max_new_tokens:
+            res, past = self.step(np.array([ids], np.int64), past, n_past)
+            n_past += len(ids)
+            token = int(np.argmax(res[self.model.logits][0, -1]))
+            out.append(token)
+            if token in eos:
+                break
+            ids = [token]
+        return out
 
 
 def verify_build(build: Path, prompt_len: int = 7, seed: int = 0) -> list[OutputDiff]:
-    plan_path = build / "plan.json"
-    if not plan_path.is_file():
-        raise LlcError(build, "not a build directory (no plan.json)")
-    plan = json.loads(plan_path.read_text())
-    model = Path(plan["model"]["path"])
+    plan = schema.read(build, schema.PLAN)
+    model = Path(plan.model.path)
     if not model.is_file():
-        raise LlcError(plan_path, f"the original model {model} is gone; cannot compare")
-    roles = plan["model"]["input_roles"]
-    kv_axis = {b["past"]: b["seq_axis"] for b in plan["model"]["kv"]}
-    present_of = {b["past"]: b["present"] for b in plan["model"]["kv"]}
-    full = _session(model)
-    stages = [_session(build / s["segment"]) for s in plan["stages"]]
+        raise LlcError(build / schema.PLAN, f"the original model {model} is gone; cannot compare")
+    full = Unsplit(model, plan.model)
     rng = np.random.default_rng(seed)
-    vocab = full.get_outputs()[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else 32
+    vocab = plan.model.vocab_size or 32
+    prompt = rng.integers(0, vocab, (1, prompt_len)).astype(np.int64)
+    nxt = rng.integers(0, vocab, (1, 1)).astype(np.int64)
+    trace = SplitRunner(build, threads=1).teacher_force(prompt[0].tolist(), nxt[0].tolist())
+
     diffs: list[OutputDiff] = []
-    past_full: dict[str, np.ndarray] = {}
-    past_len = 0
-    for step, tokens in (("prefill", rng.integers(0, vocab, (1, prompt_len))),
-                         ("decode", rng.integers(0, vocab, (1, 1)))):
-        tokens = tokens.astype(np.int64)
-        feeds = _feeds(full, roles, kv_axis, tokens, past_full, past_len)
-        names = [o.name for o in full.get_outputs()]
-        ref = dict(zip(names, full.run(None, feeds)))
-        env = dict(feeds)  # the split run sees exactly the same inputs
-        got: dict[str, np.ndarray] = {}
-        for sess in stages:
-            outs = sess.run(None, {i.name: env[i.name] for i in sess.get_inputs()})
-            for o, v in zip(sess.get_outputs(), outs):
-                env[o.name] = v
-                got[o.name] = v
-        for name in names:
+    past: dict[str, np.ndarray] = {}
+    for step, (label, tokens) in enumerate((("prefill", prompt), ("decode", nxt))):
+        ref, past = full.step(tokens, past, 0 if step == 0 else prompt_len)
+        got = trace.steps[step]
+        for name in full.names:
             if name not in got:
                 raise LlcError(build, f"verify: no stage produces graph output {name}")
+            if got[name].shape != ref[name].shape:
+                diffs.append(OutputDiff(label, name, float("inf")))
+                continue
             d = float(np.max(np.abs(ref[name].astype(np.float64) - got[name]))) if ref[name].size else 0.0
-            diffs.append(OutputDiff(step, name, d))
-        past_full = {p: ref[present_of[p]] for p in present_of}
-        past_len += tokens.shape[1]
+            diffs.append(OutputDiff(label, name, d))
     return diffs

@@ -14,7 +14,7 @@ detached (`nohup sh run.sh`) with launcher.pid and launcher.log in that folder,
 so it outlives `llc deploy`; a later `llc run` attaches to it and `llc stop`
 kills it by its pid file. Phones have no pid namespace to hide in and
 `pkill -f` could hit anything, so a pid only counts if /proc/<pid>/cmdline
-still says launcher.py.
+still says llc_runtime.
 
 Device scripts are POSIX sh (Android's mksh, the lab's dash): no bashisms, no
 getprop, no reliance on the shell's exit code (old adbd lacks shell v2).
@@ -22,8 +22,8 @@ getprop, no reliance on the shell's exit code (old adbd lacks shell v2).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import os
 import shlex
 import subprocess
@@ -31,11 +31,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from llc.runtime.coordinator import DeviceFailure, wait_ready
+from llc.bundle import schema
+from llc.bundle.schema import DeviceDeploy
 from llc.errors import LlcError
+from llc.runtime.coordinator import DeviceFailure, wait_ready
 from llc.targets.base import TargetError
 
 REMOTE_ROOT = "/data/local/tmp/llc"  # the one folder `adb push` may write to on a stock phone
@@ -43,18 +45,17 @@ RUNTIME_HINT = "on Termux: pkg install python python-numpy; pip install onnxrunt
 RUNTIME_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "zmq": "pyzmq"}
 ADB_TIMEOUT = 30.0  # seconds for any adb call that moves no bulk data
 PUSH_MIN_BYTES_PER_S = 500_000  # push timeouts assume at least ~4 Mbit/s, plus 60 s
-DEPLOY_FILE = "deploy.json"  # build/run/deploy.json: what `llc deploy` left running
 
 # Shell functions every device script starts with.
 # alive PIDFILE [WORD]: the process in PIDFILE runs, is not a zombie and its
 #   command line contains WORD (so a reused pid never counts).
 # halt PIDFILE [WORD]: TERM, wait up to 5 s, KILL, wait; says "survived PID" if it could not.
-_SH_LIB = r"""
+SH_LIB = r"""
 alive() {
   p=$(cat "$1" 2>/dev/null) || return 1
   [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
   grep -q '^State:[[:space:]]*Z' "/proc/$p/status" 2>/dev/null && return 1
-  grep -q "${2:-launcher.py}" "/proc/$p/cmdline" 2>/dev/null
+  grep -q "${2:-llc_runtime}" "/proc/$p/cmdline" 2>/dev/null
 }
 nap() { sleep 0.1 2>/dev/null || sleep 1; }
 halt() {
@@ -229,7 +230,8 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str) -> Pus
     todo = [n for n in sorted(want) if have.get(n) != want[n]]
     pushed = Pushed()
     if todo:
-        adb.shell(phone.serial, f"mkdir -p {shlex.quote(remote_dir)}", device=phone.name)
+        dirs = sorted({remote_dir} | {f"{remote_dir}/{Path(n).parent.as_posix()}" for n in todo if "/" in n})
+        adb.shell(phone.serial, "mkdir -p " + " ".join(shlex.quote(d) for d in dirs), device=phone.name)
     for name in todo:
         size = local[name].stat().st_size
         proc = adb.run(["push", str(local[name]), f"{remote_dir}/{name}"], serial=phone.serial, device=phone.name,
@@ -248,17 +250,6 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str) -> Pus
         if bad:
             raise TargetError(phone.name, f"checksum mismatch on the device after push: {', '.join(bad)}")
     return pushed
-
-
-@dataclass
-class DeviceDeploy:
-    """One device of a deploy, as recorded in build/run/deploy.json."""
-
-    serial: str
-    dir: str
-    pid: int | None = None
-    pushed_files: list[str] = field(default_factory=list)
-    pushed_bytes: int = 0
 
 
 @dataclass
@@ -293,23 +284,15 @@ class AdbTarget:
     def open(self, build_dir: Path, devices: list[str] | None = None) -> "AdbTarget":
         """Learn the build's adb devices (serials from coordinator.json); ``devices`` picks some."""
         self.build_dir = Path(build_dir)
-        try:
-            plan = json.loads((self.build_dir / "plan.json").read_text())
-            coord = json.loads((self.build_dir / "coordinator.json").read_text())
-            stages = sorted(plan["stages"], key=lambda s: s["index"])
-        except (OSError, KeyError, ValueError) as e:
-            raise LlcError(self.build_dir, f"not a build directory ({e})") from None
-        self.build_id = plan.get("build_id") or coord.get("build_id") or ""
-        if not self.build_id:
-            raise LlcError(self.build_dir / "plan.json", "no build_id")
-        names = [s["device"] for s in stages]
-        for name in devices if devices is not None else names:
-            info = coord["devices"].get(name)
+        build = schema.open_build(self.build_dir)
+        self.build_id = build.build_id
+        for name in devices if devices is not None else build.devices:
+            info = build.keys.devices.get(name)
             if info is None:
                 raise TargetError(name, f"not a device of {self.build_dir}")
-            if info.get("target", "adb") != "adb" or not info.get("serial"):
-                raise TargetError(name, f"target is {info.get('target')!r}, not adb with a serial")
-            self.phones[name] = Phone(name, info["serial"])
+            if info.target != "adb" or not info.serial:
+                raise TargetError(name, f"target is {info.target!r}, not adb with a serial")
+            self.phones[name] = Phone(name, info.serial)
         serials = [p.serial for p in self.phones.values()]
         for p in self.phones.values():
             if serials.count(p.serial) > 1:
@@ -319,10 +302,6 @@ class AdbTarget:
     @property
     def remote_dir(self) -> str:
         return f"{REMOTE_ROOT}/{self.build_id}"
-
-    def _deploy_path(self) -> Path:
-        assert self.build_dir is not None
-        return self.build_dir / "run" / DEPLOY_FILE
 
     def _each(self, fn, phones: list[Phone] | None = None) -> dict[str, object]:
         """fn(phone) on every phone at once (their links are independent); first error in build order."""
@@ -355,7 +334,7 @@ class AdbTarget:
         except BaseException:
             self.stop_all()
             raise
-        results = {n: DeviceDeploy(p.serial, self.remote_dir, pids[n], pushed[n].files, pushed[n].bytes)
+        results = {n: DeviceDeploy(p.serial, self.remote_dir, pids[n], tuple(pushed[n].files), pushed[n].bytes)
                    for n, p in self.phones.items()}
         self._write_record(results)
         try:
@@ -370,7 +349,8 @@ class AdbTarget:
         """Runtime check (unless this build already runs there), then push what differs and verify."""
         assert self.build_dir is not None
         folder = self.build_dir / "devices" / phone.name
-        files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+        files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+                 if p.is_file() and "__pycache__" not in p.parts} if folder.is_dir() else {}
         if "run.sh" not in files or "manifest.json" not in files:
             raise TargetError(phone.name, f"no bundle at {folder} (run.sh or manifest.json missing)")
         if not self._running(phone):
@@ -378,7 +358,7 @@ class AdbTarget:
         return sync(self.adb, phone, files, self.remote_dir)
 
     def _running(self, phone: Phone) -> bool:
-        out = self.adb.shell(phone.serial, _SH_LIB + f"alive {shlex.quote(self.remote_dir)}/launcher.pid "
+        out = self.adb.shell(phone.serial, SH_LIB + f"alive {shlex.quote(self.remote_dir)}/launcher.pid "
                                                      "&& echo llc-running", device=phone.name)
         return "llc-running" in out
 
@@ -386,7 +366,7 @@ class AdbTarget:
         """Start run.sh detached unless this build's launcher already runs; stop other builds' launchers
         on the phone first (they would hold the port)."""
         d = shlex.quote(self.remote_dir)
-        script = _SH_LIB + (
+        script = SH_LIB + (
             f"cd {d} || exit 0\n"
             f"for f in {REMOTE_ROOT}/*/launcher.pid; do [ \"$f\" = {d}/launcher.pid ] || halt \"$f\"; done\n"
             + ("halt launcher.pid\n" if restart else "")
@@ -402,13 +382,10 @@ class AdbTarget:
         raise TargetError(phone.name, f"could not start the launcher in {self.remote_dir}: {_last(out) or 'no output'}")
 
     def _write_record(self, results: dict[str, DeviceDeploy]) -> None:
-        path = self._deploy_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"build_id": self.build_id, "target": "adb", "adb_server": self.adb.server, "running": True,
-                  "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "pushed_bytes": sum(r.pushed_bytes for r in results.values()),
-                  "devices": {n: asdict(r) for n, r in results.items()}}
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        schema.write(self.build_dir, schema.DEPLOY, schema.DeployRecord(
+            format=schema.FORMAT, build_id=self.build_id, target="adb", adb_server=self.adb.server, running=True,
+            deployed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            pushed_bytes=sum(r.pushed_bytes for r in results.values()), devices=results))
 
     # -- Target protocol ------------------------------------------------------------------------
 
@@ -422,15 +399,13 @@ class AdbTarget:
 
     def attach(self, build_dir: Path) -> bool:
         """Look after the launchers `llc deploy` left running for this build (True if there is a record)."""
-        path = Path(build_dir) / "run" / DEPLOY_FILE
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = schema.read(build_dir, schema.DEPLOY)
+        except LlcError:
             return False
-        plan_id = json.loads((Path(build_dir) / "plan.json").read_text()).get("build_id")
-        if record.get("build_id") != plan_id or not record.get("running"):
+        if record.build_id != schema.read(build_dir, schema.PLAN).build_id or not record.running:
             return False
-        self.open(build_dir, list(record["devices"]))
+        self.open(build_dir, list(record.devices))
         return True
 
     def health(self) -> dict[str, str]:
@@ -453,7 +428,7 @@ class AdbTarget:
     def _check(self, phone: Phone) -> str | None:
         """Why the phone's launcher is dead, or None (also when adb cannot tell: pings catch hangs)."""
         d = shlex.quote(self.remote_dir)
-        script = _SH_LIB + (f"cd {d} 2>/dev/null || {{ echo 'llc-dead no bundle in {self.remote_dir}'; exit 0; }}\n"
+        script = SH_LIB + (f"cd {d} 2>/dev/null || {{ echo 'llc-dead no bundle in {self.remote_dir}'; exit 0; }}\n"
                             "if alive launcher.pid; then echo llc-alive; else "
                             "echo \"llc-dead $(grep -v '^[[:space:]]*$' launcher.log 2>/dev/null | tail -n 1)\"; fi")
         try:
@@ -503,7 +478,7 @@ class AdbTarget:
         d = shlex.quote(self.remote_dir)
 
         def stop_one(phone: Phone) -> str | None:
-            script = _SH_LIB + (f"cd {d} 2>/dev/null || {{ echo llc-stopped; exit 0; }}\n"
+            script = SH_LIB + (f"cd {d} 2>/dev/null || {{ echo llc-stopped; exit 0; }}\n"
                                 "if halt launcher.pid; then echo llc-stopped; fi\n"
                                 + (f"cd / && rm -rf {d} && echo llc-purged\n" if purge else ""))
             try:
@@ -522,11 +497,10 @@ class AdbTarget:
                 problems[phone.name] = _reason(e)
         results = self._each(stop_one, [p for p in self.phones.values() if p.name not in problems])
         problems.update({n: str(r) for n, r in results.items() if r})
-        path = self._deploy_path() if self.build_dir is not None else None
-        if not problems and path is not None and path.is_file():  # keep the record: it knows the adb server
-            record = json.loads(path.read_text())
-            record.update(running=False, stopped_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            path.write_text(json.dumps(record, indent=1) + "\n")
+        if not problems and self.build_dir is not None and (self.build_dir / schema.DEPLOY).is_file():
+            record = schema.read(self.build_dir, schema.DEPLOY)  # kept: it knows the adb server
+            schema.write(self.build_dir, schema.DEPLOY, dataclasses.replace(
+                record, running=False, stopped_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
         return problems
 
     def status(self) -> list[DeviceStatus]:
@@ -543,7 +517,7 @@ class AdbTarget:
                 rows.append(DeviceStatus(phone.name, phone.serial, state, "unknown"))
                 continue
             d = shlex.quote(self.remote_dir)
-            out = self.adb.shell(phone.serial, _SH_LIB + (
+            out = self.adb.shell(phone.serial, SH_LIB + (
                 f"if [ ! -d {d} ]; then echo llc-nobundle; elif alive {d}/launcher.pid; then "
                 f"echo \"llc-running $(cat {d}/launcher.pid)\"; else echo llc-stopped; fi"), device=phone.name)
             if "llc-running" in out:
@@ -561,8 +535,8 @@ def adb_for_build(build_dir: Path | None, port: int | None = None) -> Adb:
     if os.environ.get("ADB_SERVER_SOCKET"):
         return Adb(os.environ["ADB_SERVER_SOCKET"])
     try:
-        return Adb(json.loads((Path(build_dir) / "run" / DEPLOY_FILE).read_text()).get("adb_server"))
-    except (OSError, ValueError, TypeError):
+        return Adb(schema.read(build_dir, schema.DEPLOY).adb_server)
+    except (LlcError, TypeError):
         return Adb()
 
 

@@ -12,13 +12,11 @@ import importlib
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from llc.errors import DeviceError, LlcError
 
-class TargetError(RuntimeError):
-    """A device could not be started; ``device`` names it so the user knows where to look."""
 
-    def __init__(self, device: str, message: str):
-        self.device = device
-        super().__init__(f"device {device!r}: {message}")
+class TargetError(DeviceError):
+    """A device could not be started or reached; ``device`` names it so the user knows where to look."""
 
 
 @runtime_checkable
@@ -48,6 +46,6 @@ TARGETS = {
 def make_target(name: str) -> Target:
     """A fresh target instance by name (imported lazily: adb needs tools local does not)."""
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
+        raise LlcError(None, f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
     module, cls = TARGETS[name].split(":")
     return getattr(importlib.import_module(module), cls)()

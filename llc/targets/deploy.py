@@ -10,50 +10,25 @@
 Every command takes --adb-port for a private adb server (the lab's); otherwise
 ADB_SERVER_SOCKET, otherwise the server `llc deploy` used, otherwise adb's
 default. A device problem is one line naming the device, exit code 1; a bad
-file is exit code 2 (LlcError), as everywhere in llc.
+file is exit code 2, as everywhere in llc (llc.errors).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from llc.runtime.coordinator import Coordinator, DeviceFailure
-from llc.errors import LlcError
+from llc.errors import one_line_errors
+from llc.runtime.coordinator import Coordinator
+from llc.runtime.device.protocol import PING, PONG
 from llc.targets.adb import AdbTarget, adb_for_build
-from llc.targets.base import TargetError
 
 _port_opt = click.option("--adb-port", type=click.IntRange(1, 65535), default=None,
                          help="adb server port (default: ADB_SERVER_SOCKET, or what `llc deploy` used).")
 _build_arg = click.argument("build", type=click.Path(exists=True, file_okay=False, path_type=Path))
-
-
-def _one_line_errors(name: str):
-    """TargetError / DeviceFailure -> `llc NAME: device 'x': ...`, exit 1; LlcError -> exit 2."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (TargetError, DeviceFailure) as e:
-                click.echo(f"llc {name}: {e}", err=True)
-                sys.exit(1)
-            except LlcError as e:
-                click.echo(f"llc: error: {e}", err=True)
-                sys.exit(e.exit_code)
-            except KeyboardInterrupt:
-                click.echo(f"llc {name}: interrupted", err=True)
-                sys.exit(130)
-
-        return inner
-
-    return wrap
 
 
 def _target(build: Path, adb_port: int | None, devices: list[str] | None = None) -> AdbTarget:
@@ -64,7 +39,7 @@ def _target(build: Path, adb_port: int | None, devices: list[str] | None = None)
 @_build_arg
 @_port_opt
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every launcher's hello.")
-@_one_line_errors("deploy")
+@one_line_errors
 def deploy(build: Path, adb_port: int | None, timeout: float) -> None:
     """Push BUILD's bundles to its adb devices and start them (`llc run BUILD` then attaches)."""
     target = AdbTarget(adb_for_build(build, adb_port), ready_timeout=timeout)
@@ -84,7 +59,7 @@ def deploy(build: Path, adb_port: int | None, timeout: float) -> None:
 @click.command("status")
 @_build_arg
 @_port_opt
-@_one_line_errors("status")
+@one_line_errors
 def status(build: Path, adb_port: int | None) -> None:
     """Show BUILD's devices: adb state, launcher pid, ping time. Exit 1 unless all run."""
     target = _target(build, adb_port)
@@ -109,13 +84,11 @@ def _ping(devices: set[str], build: Path, timeout: float = 3.0) -> dict[str, flo
         sent = {}
         for name in devices:
             sent[name] = time.monotonic()
-            c.send(name, {"type": "ping", "t": time.time()})
+            c.send(name, PING, t=time.time())
         deadline = time.monotonic() + timeout
         while len(got) < len(devices) and time.monotonic() < deadline:
-            for sock, _ in c.poller.poll(100):
-                name = next(n for n, s in c.socks.items() if s is sock)
-                header = json.loads(sock.recv_multipart()[0])
-                if header.get("type") == "pong" and name in sent:
+            for name, msg in c.receive(0.1):
+                if msg.type == PONG and name in sent:
                     got[name] = (time.monotonic() - sent[name]) * 1000
     return got
 
@@ -125,7 +98,7 @@ def _ping(devices: set[str], build: Path, timeout: float = 3.0) -> dict[str, flo
 @click.argument("device")
 @_port_opt
 @click.option("-n", "--lines", type=click.IntRange(0), default=0, help="Only the last N lines (0: all).")
-@_one_line_errors("logs")
+@one_line_errors
 def logs(build: Path, device: str, adb_port: int | None, lines: int) -> None:
     """Print DEVICE's launcher log (from the phone) for BUILD."""
     target = _target(build, adb_port, [device])
@@ -139,7 +112,7 @@ def logs(build: Path, device: str, adb_port: int | None, lines: int) -> None:
 @_build_arg
 @_port_opt
 @click.option("--purge", is_flag=True, help="Also delete the bundle from the phones.")
-@_one_line_errors("stop")
+@one_line_errors
 def stop(build: Path, adb_port: int | None, purge: bool) -> None:
     """Stop BUILD's launchers on every device (by pid file) and check that none is left."""
     target = _target(build, adb_port)
@@ -165,7 +138,7 @@ def stop(build: Path, adb_port: int | None, purge: bool) -> None:
 @click.option("--no-network", is_flag=True, help="Measure only the devices, keep network as it is.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the raw measurements (decode/prefill GFLOP/s, CPU share, links) here.")
-@_one_line_errors("profile")
+@one_line_errors
 def profile(phones: Path, out: Path, adb_port: int | None, seconds: float, net_seconds: float, net_port: int,
             no_network: bool, json_out: Path | None) -> None:
     """Measure the devices in PHONES.yaml (speed, memory, links) and write a profile for `llc compile`."""

@@ -43,7 +43,7 @@ import yaml
 
 from llc.errors import LlcError
 from llc.profile import Profile, load_profile
-from llc.targets.adb import _SH_LIB, REMOTE_ROOT, Adb, Phone, check_runtime, connect, sync
+from llc.targets.adb import SH_LIB, REMOTE_ROOT, Adb, Phone, check_runtime, connect, sync
 from llc.targets.base import TargetError
 
 PROBE = Path(__file__).with_name("probe.py")
@@ -313,7 +313,7 @@ def _link(adb: Adb, a: Phone, b: Phone, b_address: str, port: int, seconds: floa
                                       f"({str(e).split('probe failed: ', 1)[-1]}); phones must reach each "
                                       "other directly (Wi-Fi client isolation off)") from None
     finally:
-        adb.shell(b.serial, _SH_LIB + f"halt {PROFILE_DIR}/serve.pid probe.py", device=b.name)
+        adb.shell(b.serial, SH_LIB + f"halt {PROFILE_DIR}/serve.pid probe.py", device=b.name)
 
 
 def _render(raw: dict, profile: Profile, results: dict[str, DeviceResult], links: list[LinkResult],

@@ -128,7 +128,6 @@ class AnnotateCost:
                 flops_decode=node_flops(node, decode),
                 weight_bytes=sum(init_bytes[w] for w in weights),
                 act_bytes_prefill=sum(tensor_nbytes(prefill.get(o)) for o in outs),
-                act_bytes_decode=sum(tensor_nbytes(decode.get(o)) for o in outs),
                 kv_bytes=sum(tensor_nbytes(decode.get(o)) for o in outs if o in kv_outputs),
             ))
         if unknown:

@@ -170,6 +170,5 @@ def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block
             workspace_bytes=2 * max((c.act_bytes_prefill for c in costs), default=0),
             cut_bytes_prefill=sum(tensor_nbytes(pre.get(t)) for t in crossing),
             cut_bytes_decode=sum(tensor_nbytes(dec.get(t)) for t in crossing),
-            cut_tensors=tuple(crossing),
         ))
     return blocks

@@ -52,8 +52,6 @@ class CommMap:
         readers: dict[str, set[int]] = {}
         for i, n in enumerate(g.node):
             for t in node_inputs(n):
-                if t in sig.kv_inputs and n.op_type in ("Shape", "Size"):
-                    continue  # emit redirects these to a cache the stage owns
                 readers.setdefault(t, set()).add(stage[i])
         for name in sig.kv_inputs:
             if len(readers.get(name, ())) > 1:

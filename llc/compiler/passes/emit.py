@@ -1,78 +1,57 @@
-"""emit: write the build directory (docs/BUNDLE.md is the contract).
+"""emit: write the build directory (llc.bundle.schema is the contract; docs/BUNDLE.md shows it).
 
-before: a plan and a comm map
-after:  ``build/``: plan.json, report.html, coordinator.json, tokenizer.json and
-        ``devices/<name>/{segment.onnx[.data], manifest.json, launcher.py, run.sh}``.
+before: segments, a layout, a plan and a comm map
+after:  ``build/``: plan.json, coordinator.json, report.html, tokenizer.json and
+        generation.json (copied from beside the model, when there), and per
+        device ``devices/<name>/``: segment.onnx (+ .data), manifest.json,
+        run.sh and the device runtime ``llc_runtime/`` (llc.runtime.device,
+        copied verbatim).
 
 Deterministic: the same model, profile and options give byte-identical files.
-The CURVE keys are therefore derived, not drawn: each key is an HMAC of the
-build id under a secret kept outside the build (``~/.config/llc/build-secret``,
-made once with os.urandom), so a new model or profile gets new keys, the same
-inputs get the same bundle, and nobody without the secret can derive them.
 Everything is written to a temporary sibling folder and renamed into place only
-when complete, so a failed compile leaves no half-written build.
+when complete, so a failed compile leaves no half-written build and the old
+build stays as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import jinja2
-import zmq
-from zmq.utils import z85
 
 import llc
-from llc.compiler.state import CompileState
-from llc.compiler.passes.comm_map import link_bytes, stage_of_nodes
+from llc.bundle import schema
+from llc.compiler.passes.comm_map import link_bytes
+from llc.compiler.passes.layout import build_inputs
 from llc.compiler.report import render_report
-from llc.compiler.segment import const_closure, segment_io, sha256_file, write_segment
+from llc.compiler.segment import sha256_file, write_segment
+from llc.compiler.state import CompileState, TensorInfo, tensor_nbytes
+from llc.runtime import device as device_package
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-FORMAT = 1
+RUNTIME_DIR = Path(device_package.__file__).parent
+MIB = 1 << 20
 
 
 def templates_env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False,
-    )
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined, autoescape=False)
 
 
-def secret_file() -> Path:
-    return Path(os.environ.get("LLC_SECRET_FILE", Path.home() / ".config" / "llc" / "build-secret"))
+def runtime_files() -> list[Path]:
+    """The device runtime's modules, in a stable order (they go into every bundle as they are)."""
+    return sorted(RUNTIME_DIR.glob("*.py"))
 
 
-def build_secret() -> bytes:
-    """The per-user secret keys are derived from; created on first use, mode 0600."""
-    path = secret_file()
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-    return path.read_bytes()
-
-
-def curve_keypair(secret: bytes, build_id: str, who: str) -> dict[str, str]:
-    """A CURVE key pair derived from (secret, build, who): Curve25519 takes any 32 bytes."""
-    raw = hmac.new(secret, f"llc-curve:{build_id}:{who}".encode(), hashlib.sha256).digest()
-    sk = z85.encode(raw)
-    return {"public": zmq.curve_public(sk).decode(), "secret": sk.decode()}
-
-
-def stage_dtype_shape(state: CompileState, name: str) -> tuple[str, list]:
-    info = state.tensors.get(name) or state.shapes["decode"].get(name)
-    shape = [] if info.shape is None else [
-        d if isinstance(d, int) else ("?" if d.startswith("unk__") else d) for d in info.shape]
-    return info.dtype, shape
+def shown_shape(info: TensorInfo | None) -> tuple:
+    if info is None or info.shape is None:
+        return ()
+    return tuple(d if isinstance(d, int) else ("?" if d.startswith("unk__") else d) for d in info.shape)
 
 
 @dataclass(frozen=True)
@@ -101,196 +80,145 @@ class Emit:
         return state
 
     def _write(self, state: CompileState, root: Path) -> None:
-        g = state.model.graph
-        sig, plan, profile = state.signature, state.plan, state.profile
-        stage = stage_of_nodes(state)
-        const = {t for t, c in state.classes.items() if c == "const"}
-        sends: dict[int, dict[int, list[str]]] = {s.index: {} for s in plan.stages}
-        for e in state.comm:
-            for c in e.consumer_stages:
-                sends[e.producer_stage].setdefault(c, []).append(e.tensor)
-        received = {}  # tensor -> producing stage, per consumer
-        for e in state.comm:
-            received[e.tensor] = e.producer_stage
-
-        env = templates_env()
-        launcher = env.get_template("launcher.py.j2").render(version=llc.__version__)
-        run_sh = env.get_template("run.sh.j2").render(version=llc.__version__)
-
-        # 1. segments (their hashes define the build id)
-        seg_files: dict[int, dict[str, str]] = {}
-        seg_io = {}
-        for s in plan.stages:
-            ddir = root / "devices" / s.device
-            ddir.mkdir(parents=True)
-            own = [i for i in range(len(g.node)) if stage[i] == s.index]
-            indices = sorted(set(own) | set(const_closure(state.model, own, const)))
-            nodes = [g.node[i] for i in indices]
-            exported = {t for dst in sends[s.index].values() for t in dst}
-            io = segment_io(state.model, nodes, exported)
-            seg_io[s.index] = io
-            seg_files[s.index] = write_segment(
-                state.model, state.data_dir, nodes, io, state.tensors, state.shapes["decode"],
-                ddir / "segment.onnx", name=f"{g.name or 'model'}_stage{s.index}")
-            (ddir / "launcher.py").write_text(launcher)
-            (ddir / "run.sh").write_text(run_sh)
-            (ddir / "run.sh").chmod(0o755)
-            seg_files[s.index]["launcher.py"] = sha256_file(ddir / "launcher.py")
-            seg_files[s.index]["run.sh"] = sha256_file(ddir / "run.sh")
-
-        plan_doc = self._plan_doc(state, seg_io)
-        build_id = hashlib.sha256(json.dumps([plan_doc, seg_files], sort_keys=True).encode()
-                                  ).hexdigest()[:16]
-        secret = build_secret()
-        keys = {s.device: curve_keypair(secret, build_id, s.device) for s in plan.stages}
-        coord = curve_keypair(secret, build_id, "coordinator")
-        allowed = sorted([k["public"] for k in keys.values()] + [coord["public"]])
-
-        endpoints = {}
-        for s in plan.stages:
-            dev = profile.device(s.device)
-            port = profile.port(dev)
-            host = "127.0.0.1" if dev.target == "local" else "0.0.0.0"
-            endpoints[s.device] = {"bind": f"tcp://{host}:{port}",
-                                   "endpoint": f"tcp://{dev.address}:{port}"}
-
-        # 2. manifests
-        by_index = {s.index: s for s in plan.stages}
+        g, sig, plan, layout = state.model.graph, state.signature, state.plan, state.layout
+        run_sh = templates_env().get_template("run.sh.j2").render(version=llc.__version__,
+                                                                   package=device_package.PACKAGE)
+        devices = [s.device for s in plan.stages]
+        allowed = tuple(sorted([n.public for n in layout.devices.values()] + [layout.coordinator_public]))
         kv_of = {b.past: b for b in sig.kv}
-        for s in plan.stages:
-            io = seg_io[s.index]
+        producer = {e.tensor: e.producer_stage for e in state.comm}
+        vocab = vocab_size(state)
+        for s, seg in zip(plan.stages, state.segments):
+            folder = root / "devices" / s.device
+            (folder / device_package.PACKAGE).mkdir(parents=True)
+            files = write_segment(state.model, state.data_dir, [g.node[i] for i in seg.nodes], seg,
+                                  state.tensors, state.shapes["decode"], folder / "segment.onnx",
+                                  name=f"{g.name or 'model'}_stage{s.index}")
+            (folder / "run.sh").write_text(run_sh)
+            (folder / "run.sh").chmod(0o755)
+            for src in runtime_files():
+                shutil.copyfile(src, folder / device_package.PACKAGE / src.name)
+            for f in ["run.sh"] + [f"{device_package.PACKAGE}/{p.name}" for p in runtime_files()]:
+                files[f] = sha256_file(folder / f)
             inputs = []
-            for t in io.inputs:
-                dtype, shape = stage_dtype_shape(state, t)
-                item = {"name": t, "dtype": dtype, "shape": shape}
+            for t in seg.inputs:
+                info = state.tensors.get(t) or state.shapes["decode"].get(t)
+                shape = shown_shape(info)
                 if t in kv_of:
                     b = kv_of[t]
-                    shape = [0 if i == b.seq_axis else (1 if i == 0 or not isinstance(d, int) else d)
-                             for i, d in enumerate(shape)]
-                    item.update(shape=shape, source="kv", present=b.present, seq_axis=b.seq_axis)
+                    shape = tuple(0 if i == b.seq_axis else (1 if i == 0 or not isinstance(d, int) else d)
+                                  for i, d in enumerate(shape))
+                    inputs.append(schema.Input(t, info.dtype, shape, "kv", present=b.present, seq_axis=b.seq_axis))
                 elif s.index == 0 and t in sig.input_roles:
-                    item.update(source="graph", role=sig.input_roles[t])
+                    inputs.append(schema.Input(t, info.dtype, shape, "graph", role=sig.input_roles[t]))
                 else:
-                    src = received[t]
-                    item.update(source="stage", **{"from": by_index[src].device}, from_stage=src)
-                    if t in sig.input_roles:
-                        item["role"] = sig.input_roles[t]
-                inputs.append(item)
-            graph_inputs = []
-            if s.index == 0:
-                for name, role in sig.input_roles.items():
-                    if role in ("input_ids", "attention_mask", "position_ids"):
-                        dtype, _ = stage_dtype_shape(state, name)
-                        graph_inputs.append({"name": name, "role": role, "dtype": dtype})
-            peers = {}
-            send_list = []
-            for dst, tensors in sorted(sends[s.index].items()):
-                dev = by_index[dst].device
-                peers[dev] = {"endpoint": endpoints[dev]["endpoint"], "public": keys[dev]["public"]}
-                send_list.append({"to": dev, "stage": dst, "tensors": sorted(tensors)})
+                    inputs.append(schema.Input(t, info.dtype, shape, "stage", role=sig.input_roles.get(t),
+                                               from_stage=producer[t]))
+            sends = {}
+            for e in state.comm:
+                if e.producer_stage == s.index:
+                    for c in e.consumer_stages:
+                        sends.setdefault(c, []).append(e.tensor)
+            send_list = tuple(schema.Send(devices[c], c, tuple(sorted(ts))) for c, ts in sorted(sends.items()))
             tail = s.index == len(plan.stages) - 1
-            if tail and s.index != 0:  # the sampled token goes back to the head
-                head = plan.stages[0].device
-                peers[head] = {"endpoint": endpoints[head]["endpoint"], "public": keys[head]["public"]}
-            manifest = {
-                "format": FORMAT,
-                "build_id": build_id,
-                "device": s.device,
-                "stage": s.index,
-                "num_stages": len(plan.stages),
-                "threads": profile.device(s.device).threads,
-                "bind": endpoints[s.device]["bind"],
-                "keys": keys[s.device],
-                "allowed_publics": allowed,
-                "peers": peers,
-                "segment": "segment.onnx",
-                "files": dict(sorted(seg_files[s.index].items())),
-                "inputs": inputs,
-                "outputs": list(io.outputs),
-                "graph_inputs": graph_inputs,
-                "sends": send_list,
-            }
-            if tail:
-                manifest["logits"] = sig.logits
-                manifest["eos_token_ids"] = list(self.eos_token_ids)
-                if s.index != 0:
-                    manifest["head"] = plan.stages[0].device
-            _write_json(root / "devices" / s.device / "manifest.json", manifest)
+            peers = {x.to for x in send_list} | ({devices[0]} if tail and s.index else set())
+            net = layout.devices[s.device]
+            manifest = schema.Manifest(
+                format=schema.MANIFEST_FORMAT, llc_version=llc.__version__, build_id=layout.build_id,
+                device=s.device, stage=s.index, num_stages=len(plan.stages),
+                threads=state.profile.device(s.device).threads, bind=net.bind,
+                keys=schema.KeyPair(net.public, net.secret), allowed_publics=allowed,
+                peers={p: schema.Peer(layout.devices[p].endpoint, layout.devices[p].public) for p in sorted(peers)},
+                segment="segment.onnx", files=dict(sorted(files.items())), inputs=tuple(inputs),
+                outputs=seg.outputs, sends=send_list, max_context=state.workload.max_context,
+                max_requests=state.workload.requests_in_flight,
+                max_message_bytes=max_message_bytes(state, seg.inputs),
+                graph_inputs=tuple(schema.GraphInput(n, r, state.tensors[n].dtype)
+                                   for n, r in sig.input_roles.items()
+                                   if s.index == 0 and r in schema.ROLES),
+                vocab_size=vocab if s.index == 0 else None,
+                logits=sig.logits if tail else None,
+                eos_token_ids=tuple(self.eos_token_ids) if tail else (),
+                head=devices[0] if tail and s.index else None,
+            )
+            schema.write_manifest(folder / "manifest.json", manifest.check(s.device))
 
-        plan_doc["build_id"] = build_id
-        _write_json(root / "plan.json", plan_doc)
-        _write_json(root / "coordinator.json", {
-            "build_id": build_id, **coord,
-            "devices": {s.device: {"endpoint": endpoints[s.device]["endpoint"],
-                                   "public": keys[s.device]["public"],
-                                   "target": profile.device(s.device).target,
-                                   "serial": profile.device(s.device).serial}
-                        for s in plan.stages},
-        })
-        (root / "coordinator.json").chmod(0o600)
+        doc = plan_doc(state, vocab)
+        schema.write(root, schema.PLAN, doc)
+        schema.write(root, schema.COORDINATOR, schema.CoordinatorDoc(
+            format=schema.FORMAT, build_id=layout.build_id, public=layout.coordinator_public,
+            secret=layout.coordinator_secret,
+            devices={d: schema.DeviceEndpoint(layout.devices[d].endpoint, layout.devices[d].public,
+                                              state.profile.device(d).target, state.profile.device(d).serial)
+                     for d in devices}))
+        (root / schema.COORDINATOR).chmod(0o600)
         for extra in ("tokenizer.json", "generation.json"):
             src = state.source.parent / extra
             if src.is_file():
                 shutil.copyfile(src, root / extra)
-        (root / "report.html").write_text(render_report(plan_doc, templates_env()))
-
-    def _plan_doc(self, state: CompileState, seg_io) -> dict:
-        """plan.json: stages in order with their files, the comm map and predicted costs."""
-        plan, blocks = state.plan, state.blocks
-        links = link_bytes(state)
-        names = {s.index: s.device for s in plan.stages}
-        return {
-            "format": FORMAT,
-            "llc_version": llc.__version__,
-            "model": {"path": str(state.source.resolve()), "logits": state.signature.logits,
-                      "kv": [asdict(b) for b in state.signature.kv],
-                      "input_roles": state.signature.input_roles},
-            "profile": str(state.profile.path),
-            "workload": asdict(state.workload),
-            "objective": plan.objective,
-            "predicted": {"decode_ms_per_token": round(plan.decode_ms, 4),
-                          "prefill_ms": round(plan.prefill_ms, 4),
-                          "bottleneck_ms": round(plan.bottleneck_ms, 4),
-                          "tokens_per_s_one_request": round(1000 / plan.decode_ms, 3)
-                          if plan.decode_ms else None,
-                          "tokens_per_s_pipelined": round(1000 / plan.bottleneck_ms, 3)
-                          if plan.bottleneck_ms else None},
-            "blocks": [{"index": b.index, "label": b.label, "kind": b.kind, "nodes": len(b.nodes),
-                        "gflops_decode": round(b.flops_decode / 1e9, 6),
-                        "gflops_prefill": round(b.flops_prefill / 1e9, 6),
-                        "weight_bytes": b.weight_bytes, "kv_bytes": b.kv_bytes}
-                       for b in blocks],
-            "stages": [{
-                "index": s.index, "device": s.device,
-                "target": state.profile.device(s.device).target,
-                "segment": f"devices/{s.device}/segment.onnx",
-                "manifest": f"devices/{s.device}/manifest.json",
-                "blocks": [s.first_block, s.last_block],
-                "labels": [blocks[s.first_block].label, blocks[s.last_block].label],
-                "inputs": list(seg_io[s.index].inputs),
-                "outputs": list(seg_io[s.index].outputs),
-                "compute_ms_decode": round(s.compute_ms_decode, 4),
-                "compute_ms_prefill": round(s.compute_ms_prefill, 4),
-                "hop_ms_decode": round(s.hop_ms_decode, 4),
-                "hop_ms_prefill": round(s.hop_ms_prefill, 4),
-                "memory_bytes": s.memory_bytes,
-                "memory_limit_bytes": s.memory_limit_bytes,
-            } for s in plan.stages],
-            "comm_map": [{
-                "tensor": e.tensor, "kind": e.kind, "dtype": e.dtype,
-                "shape": None if e.shape is None else [
-                    d if isinstance(d, int) else ("?" if d.startswith("unk__") else d) for d in e.shape],
-                "producer": names[e.producer_stage], "producer_stage": e.producer_stage,
-                "consumers": [names[c] for c in e.consumer_stages],
-                "consumer_stages": list(e.consumer_stages),
-                "skip": max(e.consumer_stages) > e.producer_stage + 1,
-                "bytes_per_token_decode": e.bytes_decode, "bytes_prefill": e.bytes_prefill,
-            } for e in state.comm],
-            "links": [{"from": names[a], "to": names[b], "bytes_per_token_decode": d,
-                       "bytes_prefill": p} for (a, b), (d, p) in sorted(links.items())],
-            "notes": list(state.notes),
-        }
+        (root / "report.html").write_text(render_report(doc, templates_env()))
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+def vocab_size(state: CompileState) -> int | None:
+    """Rows of the table the token ids index (the embedding), else the logits' last dim."""
+    ids = next(n for n, r in state.signature.input_roles.items() if r == "input_ids")
+    inits = {t.name: t for t in state.model.graph.initializer}
+    for node in state.model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == ids and node.input[0] in inits:
+            return int(inits[node.input[0]].dims[0])
+    shape = (state.tensors.get(state.signature.logits) or TensorInfo("", 1, None)).shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def max_message_bytes(state: CompileState, inputs: tuple[str, ...]) -> int:
+    """The largest message a stage should take: its inputs for a whole max-context prompt, with room.
+
+    Prefill sizes are known at the planned prompt length; masks grow with its
+    square, so they are scaled by (max_context / prompt_tokens)^2, twice over.
+    """
+    wl = state.workload
+    at_prompt = sum(tensor_nbytes(state.shapes["prefill"].get(t)) for t in inputs)
+    scale = (wl.max_context / wl.prompt_tokens) ** 2
+    return int(min(max(16 * MIB, 2 * at_prompt * scale + MIB), 2**31 - 1))
+
+
+def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
+    """plan.json: what the build was made from, stages in order, the comm map, predicted costs."""
+    plan, blocks, sig = state.plan, state.blocks, state.signature
+    names = [s.device for s in plan.stages]
+    wl = state.workload
+    return schema.PlanDoc(
+        format=schema.FORMAT, build_id=state.layout.build_id, llc_version=llc.__version__,
+        inputs=schema.BuildInputs(**build_inputs(state)),
+        model=schema.ModelDoc(str(state.source.resolve()), sig.logits,
+                              tuple(schema.KVDoc(b.past, b.present, b.seq_axis) for b in sig.kv),
+                              dict(sig.input_roles), vocab),
+        profile=str(state.profile.path),
+        workload=schema.WorkloadDoc(wl.prompt_tokens, wl.max_context, wl.requests_in_flight, wl.objective,
+                                    wl.memory_safety, wl.runtime_overhead_mb, wl.stages),
+        objective=plan.objective, split=plan.split,
+        predicted=schema.Predicted(
+            round(plan.decode_ms, 4), round(plan.prefill_ms, 4), round(plan.bottleneck_ms, 4),
+            round(1000 / plan.decode_ms, 3) if plan.decode_ms else None,
+            round(1000 / plan.bottleneck_ms, 3) if plan.bottleneck_ms else None),
+        blocks=tuple(schema.BlockDoc(b.index, b.label, b.kind, len(b.nodes), round(b.flops_decode / 1e9, 6),
+                                     round(b.flops_prefill / 1e9, 6), b.weight_bytes, b.kv_bytes) for b in blocks),
+        stages=tuple(schema.StageDoc(
+            index=s.index, device=s.device, target=state.profile.device(s.device).target,
+            segment=f"devices/{s.device}/segment.onnx", manifest=f"devices/{s.device}/manifest.json",
+            blocks=(s.first_block, s.last_block), labels=(blocks[s.first_block].label, blocks[s.last_block].label),
+            inputs=seg.inputs, outputs=seg.outputs,
+            compute_ms_decode=round(s.compute_ms_decode, 4), compute_ms_prefill=round(s.compute_ms_prefill, 4),
+            hop_ms_decode=round(s.hop_ms_decode, 4), hop_ms_prefill=round(s.hop_ms_prefill, 4),
+            memory_bytes=s.memory_bytes, memory_limit_bytes=s.memory_limit_bytes)
+            for s, seg in zip(plan.stages, state.segments)),
+        comm_map=tuple(schema.CommEdgeDoc(
+            tensor=e.tensor, kind=e.kind, dtype=e.dtype,
+            shape=None if e.shape is None else shown_shape(TensorInfo(e.tensor, 1, e.shape)),
+            producer=names[e.producer_stage], producer_stage=e.producer_stage,
+            consumers=tuple(names[c] for c in e.consumer_stages), consumer_stages=e.consumer_stages,
+            skip=max(e.consumer_stages) > e.producer_stage + 1,
+            bytes_per_token_decode=e.bytes_decode, bytes_prefill=e.bytes_prefill) for e in state.comm),
+        links=tuple(schema.LinkDoc(names[a], names[b], d, p) for (a, b), (d, p) in sorted(link_bytes(state).items())),
+        notes=tuple(state.notes),
+    )

@@ -2,7 +2,7 @@
 
 before: a path to ``model.onnx`` (+ external data beside it)
 after:  ``state.model`` with model-local functions inlined, Constant nodes in
-        their tensor form, and without weight bytes loaded (external tensors stay
+        their tensor form, and without weight bytes loaded; ``state.digests`` (external tensors stay
         references into ``state.data_dir``), ``state.signature`` (token input,
         KV-cache bindings, logits), ``state.tensors`` (symbolic types).
 
@@ -14,6 +14,7 @@ read by a Gather on a float table.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from llc.errors import LlcError
-from llc.compiler.state import CompileState, KVBinding, Signature, consumers, external_location, value_infos
+from llc.compiler.state import CompileState, Digests, KVBinding, Signature, consumers, external_location, value_infos
 
 MAX_PRESENT_DEPTH = 8  # a present output is at most a few ops after its past input
 
@@ -48,6 +49,20 @@ def read_model(path: Path) -> onnx.ModelProto:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None
     return model
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digests(model: onnx.ModelProto, path: Path) -> Digests:
+    """The model file's and its external data files' sha256: what the build is made from."""
+    data = sorted({loc[0] for t in model.graph.initializer if (loc := external_location(t))})
+    return Digests(sha256_file(path), {name: sha256_file(path.parent / name) for name in data})
 
 
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -190,6 +205,7 @@ class Load:
     def run(self, state: CompileState) -> CompileState:
         state.model = constants_as_tensors(inline_functions(read_model(state.source)))
         state.data_dir = state.source.parent
+        state.digests = digests(state.model, state.source)
         state.signature = detect_signature(state.model, state.source)
         state.tensors = value_infos(state.model)
         return state

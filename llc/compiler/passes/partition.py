@@ -234,7 +234,7 @@ def solve(t: CostTables, time_limit: float = 60.0, threads: int = 1) -> tuple[Sp
     return split, status.name, time.perf_counter() - t0
 
 
-def plan_from_split(t: CostTables, split: Split, status: str, seconds: float) -> Plan:
+def plan_from_split(t: CostTables, split: Split, how: str, seconds: float) -> Plan:
     c = evaluate(t, split)
     stages = tuple(
         StagePlan(
@@ -246,9 +246,9 @@ def plan_from_split(t: CostTables, split: Split, status: str, seconds: float) ->
         )
         for k, (d, first, last) in enumerate(split.stages)
     )
-    return Plan(stages=stages, objective=t.objective, objective_ms=c.objective(t.objective),
+    return Plan(stages=stages, objective=t.objective, split=how,
                 decode_ms=c.decode_ms, prefill_ms=c.prefill_ms, bottleneck_ms=c.bottleneck_ms,
-                solve_seconds=seconds, solver_status=status)
+                solve_seconds=seconds)
 
 
 def fixed_split(t: CostTables, how: str, where: str) -> Split:
@@ -323,7 +323,7 @@ class Partition:
                         if cost.need_bytes[k] - t.overhead_bytes > t.capacity[d] + 1e-6]
                 raise DoesNotFit(where, f"the {self.split} split does not fit: stage(s) on "
                                         f"{', '.join(over)} need more memory than the device has")
-            state.plan = plan_from_split(t, split, f"fixed ({self.split})", 0.0)
+            state.plan = plan_from_split(t, split, self.split, 0.0)
             return state
         check_fits(t, where)
         split, status, seconds = solve(t, self.time_limit)
@@ -335,5 +335,5 @@ class Partition:
             raise DoesNotFit(where, f"model does not fit: no contiguous split fits the devices' "
                                     f"memory (largest block needs {biggest * t.safety / MIB:.0f} MB; "
                                     f"solver: {status})")
-        state.plan = plan_from_split(t, split, status, seconds)
+        state.plan = plan_from_split(t, split, "mip", seconds)
         return state

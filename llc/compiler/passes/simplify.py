@@ -20,23 +20,15 @@ from typing import ClassVar
 import onnx
 
 from llc.errors import LlcError
-from llc.compiler.state import CompileState, external_location, value_infos
+from llc.compiler.state import CompileState, value_infos
 from llc.compiler.passes.load import detect_signature
+
+
+CACHE_VERSION = 2  # bump when what load hands to simplify changes (inlining, constant forms)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LLC_CACHE", Path.home() / ".cache" / "llc")) / "simplify"
-
-
-def model_digest(model: onnx.ModelProto, data_dir: Path) -> str:
-    """Hash of the graph and every external data file it uses (cheap relative to onnxsim)."""
-    h = hashlib.sha256(model.SerializeToString())
-    for loc in sorted({external_location(t)[0] for t in model.graph.initializer
-                       if external_location(t)}):
-        with open(data_dir / loc, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -50,9 +42,9 @@ class Simplify:
             return state
         import onnxsim
 
-        key = hashlib.sha256(
-            f"{model_digest(state.model, state.data_dir)}:{onnxsim.__version__}".encode()
-        ).hexdigest()[:32]
+        d = state.digests
+        key = hashlib.sha256(f"{d.model}:{sorted(d.data.items())}:{onnxsim.__version__}:{CACHE_VERSION}".encode()
+                             ).hexdigest()[:32]
         cached = cache_dir() / key / "model.onnx"
         if self.use_cache and cached.is_file():
             state.model = onnx.load(str(cached), load_external_data=False)

@@ -1,0 +1,1 @@
+"""The build directory: one schema module for its documents (schema.py)."""
