@@ -29,10 +29,21 @@ Two cores also share memory bandwidth (and, on a VM, the host), so the bench
 measures the machine's own ceiling next to it: two unsplit onnxruntime
 processes, one pinned per core, decoding at once, against one alone.
 
-Builds are compiled into --builds and reused while llc's passes and templates
-are unchanged (--rebuild forces a compile), with llc's compiler, a profile of 4 local devices (threads: 1, objective
-throughput, so the stages are balanced) and no EOS token, so every request
-generates exactly --new-tokens tokens.
+The unsplit baselines are llc.runtime.verify.Unsplit (inputs built from the
+model's detected signature), timed over a greedy loop of its steps. The inputs
+of the bare segments are those of a real decode step: the split runner
+(llc.runtime.splitrun) teacher-forces the unsplit greedy tokens through the
+2-stage build, and each manifest input is taken from its trace (kv caches,
+tensors from the other stage) or from the unsplit model's own inputs (ids, mask,
+positions).
+
+Builds are compiled into --builds with llc.compiler.compile_model, from a
+profile of 4 local devices (threads: 1, objective throughput, so the stages are
+balanced; requests_in_flight 4, as devices refuse more requests in flight than
+the build reserved KV cache for) and no EOS token, so every request generates
+exactly --new-tokens tokens. A compile whose inputs (model, profile, options,
+llc version) match an intact build leaves it as it is; --rebuild forces one
+(needed after changing llc's passes or launcher without a version bump).
 
     python benchmarks/bench_run.py [--model models/smollm2/model.onnx] [--json bench-results/run.json]
                                    [--reps 5] [--tput-reps 5] [--new-tokens 64] [--stages 1,2,3,4]
@@ -41,7 +52,6 @@ generates exactly --new-tokens tokens.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -54,15 +64,20 @@ import numpy as np
 import onnxruntime as ort
 import yaml
 
+from llc.bundle import schema
 from llc.compiler import compile_model, with_overrides
-from llc.runtime.coordinator import Coordinator, SamplingParams
 from llc.profile import load_profile
+from llc.runtime.coordinator import Coordinator
+from llc.runtime.device.sampling import SamplingParams
+from llc.runtime.splitrun import SplitRunner
+from llc.runtime.verify import Unsplit
 from llc.targets.local import LocalTarget
 
 PROMPT = "The capital of France is"
 PROMPTS = [PROMPT, "Once upon a time, in a small village by the sea,", "def fibonacci(n):",
            "The three primary colors are"]
 CONCURRENCY = (1, 2, 4)
+REQUESTS_IN_FLIGHT = max(CONCURRENCY)  # devices refuse more requests than the build reserved KV cache for
 
 
 def log(msg: str) -> None:
@@ -76,71 +91,38 @@ def profile_yaml(path: Path, base_port: int) -> Path:
     doc = {"devices": [{"name": f"dev{i}", "target": "local", "memory_mb": 2000, "gflops": 8.0, "threads": 1}
                        for i in range(4)],
            "network": {"bandwidth_mbps": 1000, "latency_ms": 0.1, "base_port": base_port},
-           "workload": {"prompt_tokens": 16, "max_context": 256, "objective": "throughput"}}
+           "workload": {"prompt_tokens": 16, "max_context": 256, "requests_in_flight": REQUESTS_IN_FLIGHT,
+                        "objective": "throughput"}}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def _compiler_files() -> list[Path]:
-    """What a build is made from: the passes and the templates (the launcher above all)."""
-    import llc.passes
-    import llc.templates
-
-    dirs = [Path(llc.compiler.passes.__file__).parent, Path(llc.templates.__file__).parent]
-    return sorted(f for d in dirs for f in d.iterdir() if f.suffix in (".py", ".j2"))
-
-
 def build_for(model: Path, stages: int, root: Path, base_port: int, rebuild: bool) -> Path:
+    """Compile (a no-op when the build in root/stagesN has the same inputs, unless rebuild)."""
     out = root / f"stages{stages}"
-    stamp = {"model": str(model.resolve()), "size": (model.parent / "model.onnx.data").stat().st_size
-             if (model.parent / "model.onnx.data").exists() else model.stat().st_size,
-             "stages": stages, "base_port": base_port,
-             # a changed launcher or compiler means a new build
-             "llc": hashlib.sha256(b"".join(f.read_bytes() for f in _compiler_files())).hexdigest()}
-    stamp_file = out / "bench-stamp.json"
-    if not rebuild and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        return out
-    log(f"compiling {stages} stage(s) into {out} ...")
-    t0 = time.monotonic()
     profile = load_profile(profile_yaml(root / f"profile{stages}.yaml", base_port))
-    wl = with_overrides(profile.workload, stages=stages)
-    compile_model(model, profile, out, workload=wl, quiet=True, eos_token_ids=())
-    stamp_file.write_text(json.dumps(stamp) + "\n")
-    log(f"  compiled in {time.monotonic() - t0:.0f} s")
+    t0 = time.monotonic()
+    state, _ = compile_model(model, profile, out, workload=with_overrides(profile.workload, stages=stages),
+                             quiet=True, eos_token_ids=(), force=rebuild)
+    log(f"{stages} stage(s): {out} " + ("up to date" if state.up_to_date
+                                        else f"compiled in {time.monotonic() - t0:.0f} s"))
     return out
 
 
 # --- unsplit reference --------------------------------------------------------------------------
 
 
-class Unsplit:
-    """Greedy decoding of the whole model in one onnxruntime session, 1 thread like each device."""
-
-    def __init__(self, model: Path, threads: int = 1):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-        self.kv = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
-        """Tokens, ms/token after the first token, and seconds in all."""
-        past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in self.kv}
-        ids, n_past, out, stamps = list(prompt), 0, [], []
-        t0 = time.perf_counter()
-        while len(out) < new_tokens:
-            feeds = {"input_ids": np.array([ids], np.int64),
-                     "attention_mask": np.ones((1, n_past + len(ids)), np.int64),
-                     "position_ids": np.arange(n_past, n_past + len(ids), dtype=np.int64)[None], **past}
-            res = dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
-            n_past += len(ids)
-            past = {i.name: res[i.name.replace("past_key_values.", "present.")] for i in self.kv}
-            ids = [int(np.argmax(res["logits"][0, -1]))]
-            out.append(ids[0])
-            stamps.append(time.perf_counter())
-        return out, (stamps[-1] - stamps[0]) * 1000 / (len(out) - 1), stamps[-1] - t0
+def timed_greedy(u: Unsplit, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """Unsplit.greedy's loop with a clock: tokens, ms/token after the first token, and seconds in all."""
+    ids, past, n_past, out, stamps = list(prompt), {}, 0, [], []
+    t0 = time.perf_counter()
+    while len(out) < new_tokens:
+        res, past = u.step(np.array([ids], np.int64), past, n_past)
+        n_past += len(ids)
+        ids = [int(np.argmax(res[u.model.logits][0, -1]))]
+        out.append(ids[0])
+        stamps.append(time.perf_counter())
+    return out, (stamps[-1] - stamps[0]) * 1000 / max(1, len(out) - 1), stamps[-1] - t0
 
 
 class ParallelUnsplit:
@@ -181,59 +163,46 @@ class ParallelUnsplit:
 
 def unsplit_worker(core: int, model: Path, prompts: list[list[int]], new_tokens: int) -> None:
     os.sched_setaffinity(0, {core})
-    u = Unsplit(model)
-    u.generate(prompts[0], 4)  # warm-up
+    u = Unsplit(model, threads=1)
+    u.greedy(prompts[0], 4)  # warm-up
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
             break
         t0 = time.time()
-        tokens = sum(len(u.generate(p, new_tokens)[0]) for p in prompts)
+        tokens = sum(len(timed_greedy(u, p, new_tokens)[0]) for p in prompts)
         print(json.dumps({"t0": t0, "t1": time.time(), "tokens": tokens}), flush=True)
 
 
-def segment_feeds(build: Path, prompt: list[int], steps: int, out_dir: Path) -> list[tuple[Path, Path]]:
-    """Run a build's segments in order, in-process, for a prefill and `steps` decode steps;
-    save each segment's inputs of the last step (.npz). Returns (segment.onnx, feeds.npz) per stage."""
-    plan = json.loads((build / "plan.json").read_text())
-    stages = sorted(plan["stages"], key=lambda s: s["index"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    segs = []
-    for st in stages:
-        folder = build / "devices" / st["device"]
-        m = json.loads((folder / "manifest.json").read_text())
-        segs.append((folder / m["segment"], m, ort.InferenceSession(str(folder / m["segment"]), so,
-                                                                   providers=["CPUExecutionProvider"])))
-    kv: list[dict] = [{} for _ in segs]
-    ids, past = list(prompt), 0
-    for _ in range(steps + 1):
-        env = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, past + len(ids)), np.int64),
-               "position_ids": np.arange(past, past + len(ids), dtype=np.int64)[None]}
-        last = []
-        for k, (_, m, sess) in enumerate(segs):
-            feeds = {}
-            for i in m["inputs"]:
-                if i["source"] == "kv":
-                    shape = [0 if a == i["seq_axis"] else (d if isinstance(d, int) else 1) for a, d in enumerate(i["shape"])]
-                    feeds[i["name"]] = kv[k].get(i["name"], np.zeros(shape, np.dtype(i["dtype"])))
-                else:
-                    feeds[i["name"]] = env[i.get("role") or i["name"]] if i["source"] == "graph" else env[i["name"]]
-            outs = [o.name for o in sess.get_outputs()]
-            res = dict(zip(outs, sess.run(outs, feeds)))
-            env.update(res)
-            for i in m["inputs"]:
-                if i["source"] == "kv":
-                    kv[k][i["name"]] = res[i["present"]]
-            last.append(feeds)
-        past += len(ids)
-        ids = [int(np.argmax(env[m["logits"]][0, -1]))]
+def segment_feeds(build: Path, reference: Unsplit, prompt: list[int], steps: int,
+                  out_dir: Path) -> list[tuple[Path, Path]]:
+    """Every stage's inputs at decode step ``steps`` of a real request, saved as .npz.
+
+    The split runner teacher-forces the unsplit model's greedy tokens and traces every
+    stage's outputs; each manifest input then comes from where the device gets it: a kv
+    cache is its present of the step before, a tensor from an earlier stage that stage's
+    output, a graph input (built by the head, maybe sent on) the unsplit model's own input
+    of that name. Returns (segment.onnx, feeds.npz) per stage, in pipeline order.
+    """
+    b = schema.open_build(build)
+    continuation = reference.greedy(prompt, steps)
+    trace = SplitRunner(build, threads=1).teacher_force(prompt, continuation)
+    graph = reference.feeds(np.array([continuation[-1:]], np.int64), {}, len(prompt) + steps - 1)
     out = []
-    for k, ((path, _, _), feeds) in enumerate(zip(segs, last)):
+    for k, device in enumerate(b.devices):
+        m = b.manifest(device)
+        feeds = {}
+        for i in m.inputs:
+            if i.source == "kv":
+                v = trace.steps[steps - 1][i.present]
+            elif i.source == "graph" or i.role is not None:
+                v = graph[i.name]
+            else:
+                v = trace.steps[steps][i.name]
+            feeds[i.name] = v.astype(np.dtype(i.dtype), copy=False)
         f = out_dir / f"feeds-stage{k}.npz"
         np.savez(f, **{f"x{j}": v for j, v in enumerate(feeds.values())}, names=np.array(list(feeds)))
-        out.append((path, f))
+        out.append((b.dir / "devices" / device / m.segment, f))
     return out
 
 
@@ -294,10 +263,10 @@ def segment_worker(core: int, segment: Path, feeds_file: Path) -> None:
 class Pipeline:
     def __init__(self, build: Path, stages: int):
         self.build, self.stages = build, stages
-        plan = json.loads((build / "plan.json").read_text())
-        self.devices = [s["device"] for s in sorted(plan["stages"], key=lambda s: s["index"])]
-        self.layers = [f"{s['labels'][0]}..{s['labels'][1]}" for s in sorted(plan["stages"], key=lambda s: s["index"])]
-        self.plan_links = {f"{ln['from']}->{ln['to']}": ln["bytes_per_token_decode"] for ln in plan["links"]}
+        plan = schema.read(build, schema.PLAN)
+        self.devices = [s.device for s in plan.stages]
+        self.layers = [f"{s.labels[0]}..{s.labels[-1]}" for s in plan.stages]
+        self.plan_links = {f"{ln.src}->{ln.dst}": ln.bytes_per_token_decode for ln in plan.links}
         self.target = LocalTarget(ready_timeout=120)
         self.coord: Coordinator | None = None
 
@@ -379,10 +348,10 @@ def main() -> None:
 
     pipes = {n: Pipeline(b, n) for n, b in builds.items()}
     ceiling = seg_ceiling = None
-    baselines = {"unsplit": Unsplit(args.model)}
+    baselines = {"unsplit": Unsplit(args.model, threads=1)}
     if 1 in builds:  # the same model after llc's simplify pass (what the stages are cut from)
-        seg = json.loads((builds[1] / "plan.json").read_text())["stages"][0]["segment"]
-        baselines["simplified"] = Unsplit(builds[1] / seg)
+        plan1 = schema.read(builds[1], schema.PLAN)
+        baselines["simplified"] = Unsplit(builds[1] / plan1.stages[0].segment, plan1.model, threads=1)
     unsplit = baselines["unsplit"]
     load_before = os.getloadavg()
     if load_before[0] > 0.5:
@@ -396,7 +365,7 @@ def main() -> None:
         prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(args.requests)]
 
         # Correctness first (and a warm-up): every pipeline gives the unsplit tokens.
-        want, _, _ = unsplit.generate(prompt, args.new_tokens)
+        want = unsplit.greedy(prompt, args.new_tokens)
         for n, p in pipes.items():
             (r,), _ = p.generate([prompt], args.new_tokens, 1)
             if r.tokens != want:
@@ -415,7 +384,7 @@ def main() -> None:
             got = {}
             for c in order:
                 if c in baselines:
-                    _, got[c], _ = baselines[c].generate(prompt, args.new_tokens)
+                    _, got[c], _ = timed_greedy(baselines[c], prompt, args.new_tokens)
                 else:
                     p = pipes[c]
                     before = p.coord.stats()
@@ -439,8 +408,8 @@ def main() -> None:
             ceiling = ParallelUnsplit(args.model, cores[:2], prompts, args.new_tokens)
             tput_cfgs.append(("2 x unsplit", True, None))
             if 2 in builds:
-                seg_ceiling = ParallelSegments(segment_feeds(builds[2], prompt, args.new_tokens // 2, args.builds),
-                                               cores[:2])
+                feeds = segment_feeds(builds[2], unsplit, prompt, max(1, args.new_tokens // 2), args.builds)
+                seg_ceiling = ParallelSegments(feeds, cores[:2])
                 tput_cfgs.append(("2 bare segments", True, None))
         for n in pipes:
             if n == 1:
@@ -455,7 +424,7 @@ def main() -> None:
             for name, pinned, where in tput_cfgs[k:] + tput_cfgs[:k]:
                 if name == "unsplit":
                     t0 = time.perf_counter()
-                    ntok = sum(len(unsplit.generate(pr, args.new_tokens)[0]) for pr in prompts)
+                    ntok = sum(len(timed_greedy(unsplit, pr, args.new_tokens)[0]) for pr in prompts)
                     tps.setdefault(("unsplit", False, 1), []).append(ntok / (time.perf_counter() - t0))
                     continue
                 if name == "2 bare segments":

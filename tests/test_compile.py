@@ -7,13 +7,23 @@ empty cache, and a decode step with the prefill's cache).
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from conftest import write_profile
 from llc.bundle import schema
+from llc.cli import main
 from llc.compiler import PASSES, compile_model
+from llc.compiler.segment import sha256_file
+from llc.errors import LlcError
+from llc.runtime.splitrun import SplitRunner
 from llc.profile import load_profile
 from llc.runtime.verify import verify_build
 from models import tiny_gpt2, tiny_llama, tiny_llama_tied
@@ -174,3 +184,72 @@ def test_report_shows_every_stage(tmp_path):
     compile_model(model, profile, tmp_path / "b", quiet=True)
     html = (tmp_path / "b" / "report.html").read_text()
     assert html.count("<rect") >= 6 and all(f"dev{i}" in html for i in range(3))
+
+
+SPLIT3 = [["embed", "layer 0"], ["layer 1", "layer 2"], ["layer 3", "head"]]
+
+
+def three_stage_build(tmp_path):
+    """tiny llama over 3 stages, the rotary tables and mask sent from stage 0 straight to stage 2."""
+    split = tmp_path / "split.yaml"
+    split.write_text(yaml.safe_dump({"stages": [{"device": f"dev{i}", "blocks": r} for i, r in enumerate(SPLIT3)]}))
+    compile_model(tiny_llama("legacy"), load_profile(write_profile(tmp_path / "p.yaml", 3)), tmp_path / "b",
+                  quiet=True, split=str(split))
+    build = tmp_path / "b"
+    plan = schema.read(build, schema.PLAN)
+    values = SplitRunner(build).teacher_force([1, 5, 7], [9]).steps[0]
+    # a rotary table, not the mask: scaling a mask of 0 and -inf would change nothing
+    skip = next(e for e in plan.comm_map if e.skip and e.dtype == "float32" and 2 in e.consumer_stages
+                and 0.1 < np.abs(values[e.tensor]).max() < 1e6)
+    return build, plan, skip
+
+
+def test_verify_catches_a_comm_map_that_drops_a_skip_tensor(tmp_path):
+    build, plan, skip = three_stage_build(tmp_path)
+    assert max(d.max_abs_diff for d in verify_build(build)) <= 1e-4
+    path = build / plan.stages[0].manifest
+    m = schema.read_manifest(path)
+    sends = tuple(dataclasses.replace(s, tensors=tuple(t for t in s.tensors if t != skip.tensor)) for s in m.sends)
+    schema.write_manifest(path, dataclasses.replace(m, sends=sends))
+    with pytest.raises(LlcError, match=f"never received .*{re.escape(skip.tensor)}.*comm map does not deliver"):
+        verify_build(build)
+
+
+def test_verify_catches_a_comm_map_that_sends_the_wrong_values(tmp_path):
+    """The producer sends something else under the skip tensor's name: the numbers must differ."""
+    build, plan, skip = three_stage_build(tmp_path)
+    seg_path = build / plan.stages[0].segment
+    seg = onnx.load(str(seg_path), load_external_data=False)
+    node = next(n for n in seg.graph.node if skip.tensor in n.output)
+    node.output[list(node.output).index(skip.tensor)] = skip.tensor + "__right"
+    seg.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "llc_test_half"))
+    seg.graph.node.append(onnx.helper.make_node("Mul", [skip.tensor + "__right", "llc_test_half"], [skip.tensor]))
+    onnx.save(seg, str(seg_path))
+    mpath = build / plan.stages[0].manifest
+    m = schema.read_manifest(mpath)
+    schema.write_manifest(mpath, dataclasses.replace(m, files={**m.files, "segment.onnx": sha256_file(seg_path)}))
+    worst = max(verify_build(build), key=lambda d: d.max_abs_diff)
+    assert worst.max_abs_diff > 1e-3, worst
+    r = CliRunner().invoke(main, ["verify", str(build)])
+    assert r.exit_code == 2 and "split differs from unsplit" in r.output
+
+
+def test_unchanged_inputs_and_intact_build_compile_to_a_no_op(tmp_path):
+    """The build records what it was made from; the same inputs again change nothing, anything else does."""
+    model, profile = tiny_llama("legacy"), write_profile(tmp_path / "p.yaml", 2, stages=2)
+    args = ["compile", str(model), "--devices", str(profile), "-o", str(tmp_path / "b"), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    plan = schema.read(tmp_path / "b", schema.PLAN)
+    assert plan.inputs.model_sha256 == sha256_file(model) and plan.inputs.llc_version
+    stamp = (tmp_path / "b" / "plan.json").stat().st_mtime_ns
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and f"up to date (build id {plan.build_id})" in again.output
+    assert (tmp_path / "b" / "plan.json").stat().st_mtime_ns == stamp
+    # a damaged bundle file, a new option, a new profile: each compiles again
+    seg = tmp_path / "b" / plan.stages[1].segment
+    seg.write_bytes(seg.read_bytes()[:-1])
+    assert "up to date" not in CliRunner().invoke(main, args).output
+    assert verify_build(tmp_path / "b")
+    other = CliRunner().invoke(main, args + ["--max-context", "96"])
+    assert "up to date" not in other.output
+    assert schema.read(tmp_path / "b", schema.PLAN).build_id != plan.build_id

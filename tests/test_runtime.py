@@ -334,3 +334,101 @@ def test_timeline_picture_has_a_row_per_device_and_a_bar_per_step(tmp_path):
     html = out.read_text()
     assert html.count("<rect") == 2 * steps  # one bar per step on each of the 2 devices
     assert "dev0" in html and "dev1" in html and "request 1" in html
+
+
+# --- a device keeps serving whatever it is sent ----------------------------------------------------
+
+
+def raw_replies(sock: zmq.Socket, timeout_s: float = 2.0) -> list:
+    """Every message that comes back on a coordinator socket within timeout_s, decoded."""
+    from llc.runtime.device import protocol
+
+    out, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sock.poll(50):
+            out.append(protocol.unpack(sock.recv_multipart()))
+    return out
+
+
+def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, reference, target, tmp_path):
+    """Garbage of every kind at a running head and tail: one error each, no crash, right tokens after."""
+    from llc.runtime.device import protocol
+
+    build = compiled_build(model, tmp_path / "build", 2, requests=2)
+    head, tail = devices(build)
+    tail_input = next(i for i in schema.open_build(build).manifest(tail).inputs if i.source == "stage")
+    target.start(build, devices(build))
+
+    def tensors(rid, step, name=tail_input.name, dtype="float32", shape=(1, 1, 64), buf=None):
+        header = {"type": "tensors", "rid": rid, "step": step, "from": head,
+                  "tensors": [{"name": name, "dtype": dtype, "shape": list(shape)}]}
+        return [json.dumps(header).encode(), buf if buf is not None else np.zeros(shape, np.float32).tobytes()]
+
+    good = {"max_new_tokens": 4}
+    bad = {  # what, to which device, the frames
+        "not JSON": (head, [b"\xff\x00 not json"]),
+        "not an object": (head, [b"[1, 2, 3]"]),
+        "unknown type": (head, [b'{"type": "reboot"}']),
+        "wrong field type": (head, [json.dumps({"type": "request", "rid": "one", "prompt": [1], "params": good}).encode()]),
+        "unknown field": (head, [json.dumps({"type": "request", "rid": 5, "prompt": [1], "params": good,
+                                             "sudo": True}).encode()]),
+        "bad sampling params": (head, [json.dumps({"type": "request", "rid": 6, "prompt": [1, 2],
+                                                   "params": {"max_new_tokens": 4, "top_p": 2.0}}).encode()]),
+        "unknown sampling param": (head, [json.dumps({"type": "request", "rid": 7, "prompt": [1, 2],
+                                                      "params": {"beam": 4}}).encode()]),
+        "token ids out of the vocabulary": (head, [json.dumps({"type": "request", "rid": 8, "prompt": [1, 10**9],
+                                                               "params": good}).encode()]),
+        "negative token id": (head, [json.dumps({"type": "request", "rid": 9, "prompt": [-1], "params": good}).encode()]),
+        "empty prompt": (head, [json.dumps({"type": "request", "rid": 10, "prompt": [], "params": good}).encode()]),
+        "beyond max context": (head, [json.dumps({"type": "request", "rid": 11, "prompt": [1] * 100,
+                                                  "params": {"max_new_tokens": 100}}).encode()]),
+        "request to a non-head": (tail, [json.dumps({"type": "request", "rid": 12, "prompt": [1], "params": good}).encode()]),
+        "huge declared shape": (tail, tensors(13, 0, shape=(2**30, 2**30, 64), buf=b"\0" * 16)),
+        "wrong dtype name": (tail, tensors(14, 0, dtype="object")),
+        "dtype the segment does not take": (tail, [tensors(15, 0)[0].replace(b"float32", b"int64"),
+                                                   np.zeros((1, 1, 64), np.int64).tobytes()]),
+        "missing buffer": (tail, tensors(16, 0)[:1]),
+        "tensor it does not take": (tail, tensors(17, 0, name="nope")),
+        "unknown request id": (tail, tensors(18, 7)),
+        "far-future step": (tail, tensors(19, 40)),
+    }
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        c.socks[tail].send_multipart(tensors(19, 0))  # a real step 0 for request 19 on the tail: it samples
+        assert [m.type for m in raw_replies(c.socks[tail], 1.0)] == [protocol.TOKEN]
+        for what, (device, frames) in bad.items():
+            c.socks[device].send_multipart(frames)
+            replies = raw_replies(c.socks[device], 1.0)
+            errors = [m for m in replies if m.type == protocol.ERROR]
+            assert len(errors) == 1, (what, replies)
+            assert target.health() == {}, what
+        # a message over the device's size limit: the connection is dropped, the device lives on
+        c.socks[tail].send_multipart(tensors(20, 0, shape=(1, 1 << 16, 64)) * 1 + [b"\0" * (32 << 20)])
+        time.sleep(0.5)
+        assert target.health() == {}
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        results = c.generate(PROMPTS, SamplingParams(max_new_tokens=12), concurrency=2)
+        stats = c.stats()
+    for r, prompt in zip(results, PROMPTS):
+        assert r.tokens == reference.greedy(prompt, 12, EOS)
+    assert max(s.active for s in stats) <= 2  # at most the far-future/unknown requests that never started
+
+
+def test_a_failed_run_frees_its_requests_on_every_device(model, target, tmp_path):
+    """An exception in the middle of generation cancels every request in flight: no KV cache stays."""
+    build = compiled_build(model, tmp_path / "build", 3, eos_token_ids=[], requests=3)
+    target.start(build, devices(build))
+
+    def boom(r, token, done):
+        if len(r.tokens) == 3:
+            raise KeyboardInterrupt
+
+    with Coordinator(build, health=target.health) as c:
+        c.connect()
+        with pytest.raises(KeyboardInterrupt):
+            c.generate(PROMPTS[:3], SamplingParams(max_new_tokens=40), concurrency=3, on_token=boom)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(s.active for s in c.stats()):
+            time.sleep(0.1)
+        assert [s.active for s in c.stats()] == [0, 0, 0]
