@@ -9,7 +9,7 @@ example reads with this module.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import document
@@ -99,7 +99,6 @@ class Manifest:
     logits: str | None = None  # tail: the output sampled from
     eos_token_ids: tuple[int, ...] = ()  # tail
     head: str | None = None  # tail (unless it is the head): the peer tokens go back to
-    extra: dict[str, str] = field(default_factory=dict)  # free-form notes (not read by the device)
 
     @property
     def is_head(self) -> bool:
