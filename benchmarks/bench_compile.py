@@ -6,6 +6,10 @@ to use all of them), an even layer split and a memory-proportional split over
 all devices in profile order (infeasible when they overflow a phone's memory),
 the MIP solve time, and the time of every compile pass. The same goes to JSON.
 
+Every compile is forced (force=True: a compile is otherwise a no-op when an
+intact build of the same inputs is there) into a fresh temporary directory, with
+an empty simplify cache for the first one; only the plans are kept.
+
     python benchmarks/bench_compile.py [--model models/smollm2/model.onnx] [--json bench-results/compile.json]
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from llc.compiler import compile_model
+from llc.compiler import compile_model, with_overrides
 from llc.compiler.costmodel import build_tables, evaluate, even_split, memory_proportional_split
 from llc.profile import load_profile
 
@@ -56,7 +61,7 @@ def main() -> None:
             print(f"compiling for {n} phones ...", file=sys.stderr, flush=True)
             profile = load_profile(profile_for(n, tmp / f"p{n}.yaml"))
             t0 = time.perf_counter()
-            state, pm = compile_model(args.model, profile, tmp / f"b{n}", quiet=True)
+            state, pm = compile_model(args.model, profile, tmp / f"b{n}", quiet=True, force=True)
             total = time.perf_counter() - t0
             passes.append({"devices": n, "total_s": round(total, 3),
                            **{t.name: round(t.seconds, 3) for t in pm.timings}})
@@ -67,10 +72,12 @@ def main() -> None:
                                 ("memory_prop", memory_proportional_split(t, order))):
                 c = evaluate(t, split)
                 base[name] = (c.decode_ms, c.feasible, c.bottleneck_ms)
-            wl_all = state.workload.__class__(**{**state.workload.__dict__, "stages": n})
-            s_all, _ = compile_model(args.model, profile, tmp / f"b{n}all", workload=wl_all, quiet=True)
-            wl_tp = state.workload.__class__(**{**state.workload.__dict__, "objective": "throughput"})
-            s_tp, _ = compile_model(args.model, profile, tmp / f"b{n}tp", workload=wl_tp, quiet=True)
+            s_all, _ = compile_model(args.model, profile, tmp / f"b{n}all", quiet=True, force=True,
+                                     workload=with_overrides(state.workload, stages=n))
+            s_tp, _ = compile_model(args.model, profile, tmp / f"b{n}tp", quiet=True, force=True,
+                                    workload=with_overrides(state.workload, objective="throughput"))
+            for b in ("", "all", "tp"):  # only the plans are needed: do not keep 15 copies of the weights
+                shutil.rmtree(tmp / f"b{n}{b}")
             rows.append({
                 "devices": n,
                 "mip_ms": round(state.plan.decode_ms, 3), "mip_stages": len(state.plan.stages),

@@ -38,6 +38,27 @@ def write_profile(path: Path, n: int, *, memory_mb=2000, gflops=8.0, target="loc
 
 
 LAB_LOCK = Path("/tmp/llc-lab-tests.lock")
+MACHINE_LOCK = Path("/tmp/llc-tests-machine.lock")
+
+
+@contextlib.contextmanager
+def machine_lock(exclusive: bool):
+    """Shared by every test; exclusive for a measurement that compares speeds.
+
+    Test sessions on one machine (CI and a developer, the suite run twice) run
+    side by side, but a test that measures how fast an emulated phone is waits
+    until no other test runs, and none starts while it measures: their work
+    would land on the phones' cores and skew the ratio it asserts.
+    """
+    with open(MACHINE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _share_the_machine(request):
+    with machine_lock(exclusive=request.node.get_closest_marker("alone") is not None):
+        yield
 
 
 @contextlib.contextmanager
@@ -48,8 +69,6 @@ def lab_up(state_dir: Path, specs, *, name: str, subnet: str, adb_port: int):
     sessions at once (CI and a developer, or the suite run twice) take turns
     rather than measure each other's phones. Fails, never skips, without root.
     """
-    import pytest
-
     from llc.lab.phones import Lab, LabError
 
     if os.geteuid() != 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import lab_up
+from conftest import lab_up, machine_lock
 from llc.bundle import schema
 from helpers import Reference, write_tokenizer
 from llc.lab.phones import PhoneSpec
@@ -86,8 +86,9 @@ def measured(lab, tmp_path_factory) -> Path:
     phones.write_text(yaml.safe_dump(doc, sort_keys=False))
     out, raw = tmp / "measured.yaml", tmp / "measured.json"
     t0 = time.monotonic()
-    proc = llc("profile", phones, "-o", out, "--json", raw, "--adb-port", ADB_PORT,
-               "--seconds", 1.5, "--net-seconds", 1.5)
+    with machine_lock(exclusive=True):  # speeds are compared: no other test session's work on the cores
+        proc = llc("profile", phones, "-o", out, "--json", raw, "--adb-port", ADB_PORT,
+                   "--seconds", 1.5, "--net-seconds", 1.5)
     assert proc.returncode == 0, proc.stderr
     print(f"\nllc profile took {time.monotonic() - t0:.1f} s\n{proc.stderr}")
     return out
@@ -138,6 +139,7 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
         assert 0 < link.latency_ms < 5
 
 
+@pytest.mark.alone
 def test_slow_phone_runs_decode_steps_proportionally_slower(lab, measured, tmp_path):
     """The launcher's own ms per decode step, the whole model on the 1.0 phone and then on the 0.25
     phone: the slow phone is 0.2-0.3x as fast, as the profile says (steps of a few ms, with pauses)."""

@@ -78,6 +78,7 @@ def test_runtime_imports_in_shell(lab):
     assert out.strip() == "ok"
 
 
+@pytest.mark.alone
 def test_slow_phone_is_slower_both_sustained_and_in_bursts(lab):
     """Work done by a busy loop in 2 s, and by bursts of 3 ms with 20 ms pauses: the 0.25 phone
     does about a quarter of the 1.0 phone's in both (a long-period quota would only slow the first)."""
