@@ -57,7 +57,7 @@ def _shape_read(kind: str, pk1: str) -> list[str]:
                 "past_len = Gather(tail, i0)",
                 "width = Gather(tail, i1)",
                 "merged = Mul(width, c2)",
-                "merge_dyn = Concat <axis = 0> (i0z, i0z, merged)"]
+                "merge_dyn = Concat <axis = 0> (keep, keep, merged)"]  # [0, 0, 8]: one initializer read twice
     raise ValueError(kind)
 
 
@@ -74,16 +74,15 @@ CAUSAL = ["seq_len = Shape <start = 1, end = 2> ({ids})",
 
 
 def decoder_text(*, names: dict[str, str] | None = None, shape_read: str | None = None, mask: bool = True,
-                 tied: bool = False, seed: int = 0, kv_type: str = "float[batch, 2, past, 4]",
-                 present_type: str = "float[batch, 2, total, 4]") -> str:
+                 tied: bool = False, seed: int = 0) -> str:
     """The tiny decoder as ONNX text (see the module docstring)."""
     n = {**DEFAULT_NAMES, **(names or {})}
     q = lambda key: f'"{n[key]}"'  # noqa: E731  (quoted: the convention's names have dots)
     rng = np.random.default_rng(seed)
     ins = [f"int64[batch, seq] {q('ids')}"] + ([f"int64[batch, total] {q('mask')}"] if mask else [])
-    ins += [f"{kv_type} {q(f'past{l}{kv}')}" for l in range(LAYERS) for kv in "kv"]
+    ins += [f"float[batch, {HEADS}, past, {HEAD_DIM}] {q(f'past{l}{kv}')}" for l in range(LAYERS) for kv in "kv"]
     outs = [f"float[batch, seq, {VOCAB}] {q('logits')}"]
-    outs += [f"{present_type} {q(f'present{l}{kv}')}" for l in range(LAYERS) for kv in "kv"]
+    outs += [f"float[batch, {HEADS}, total, {HEAD_DIM}] {q(f'present{l}{kv}')}" for l in range(LAYERS) for kv in "kv"]
     inits = [f"float[{VOCAB}, {HIDDEN}] embed = {_values(rng, (VOCAB, HIDDEN))}"]
     for l in range(LAYERS):
         for w in "qkvo":
@@ -93,7 +92,7 @@ def decoder_text(*, names: dict[str, str] | None = None, shape_read: str | None 
     inits += ["int64[4] split_heads = {0, 0, 2, 4}", "int64[3] merge_heads = {0, 0, 8}",
               "float scale = {0.5}", "float one = {1.0}", "float neg = {-10000.0}", "float zero_f = {0.0}",
               "int64[2] mask_axes = {1, 2}", "int64[1] i0 = {0}", "int64[1] i1 = {1}", "int64[1] i2 = {2}",
-              "int64[1] i0z = {0}", "int64[1] m1 = {-1}", "int64[1] c8 = {8}", "int64[1] c2 = {2}",
+              "int64[1] keep = {0}", "int64[1] m1 = {-1}", "int64[1] c8 = {8}", "int64[1] c2 = {2}",
               "int64 zero_i = {0}", "int64 one_i = {1}"]
     body = []
     if mask:

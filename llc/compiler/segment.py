@@ -9,13 +9,13 @@ tensor, so the model is never held twice in memory.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper
 
+from llc.runtime.device.manifest import sha256_file  # noqa: F401  (one hash for every bundle file)
 from llc.compiler.state import TensorInfo, external_location, node_inputs
 
 ALIGN = 64  # bytes; keeps every tensor aligned for mmap-friendly loading
@@ -139,11 +139,3 @@ def _tensor_bytes(t: TensorProto, data_dir: Path, sources: dict) -> bytes | None
     if t.HasField("raw_data"):
         return t.raw_data
     return None  # typed fields (float_data, int64_data...): small, kept in the proto
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

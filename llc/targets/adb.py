@@ -23,7 +23,6 @@ getprop, no reliance on the shell's exit code (old adbd lacks shell v2).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shlex
 import subprocess
@@ -38,6 +37,7 @@ from llc.bundle import schema
 from llc.bundle.schema import DeviceDeploy
 from llc.errors import LlcError
 from llc.runtime.coordinator import DeviceFailure, wait_ready
+from llc.runtime.device.manifest import sha256_file
 from llc.targets.base import TargetError
 
 REMOTE_ROOT = "/data/local/tmp/llc"  # the one folder `adb push` may write to on a stock phone
@@ -196,14 +196,6 @@ class Pushed:
 
     files: list[str] = field(default_factory=list)
     bytes: int = 0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remote_hashes(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> dict[str, str]:

@@ -118,7 +118,7 @@ class AnnotateCost:
         costs = []
         unknown = 0
         for node in state.model.graph.node:
-            weights = [i for i in node.input if i in init_bytes and i not in seen_weights]
+            weights = list(dict.fromkeys(i for i in node.input if i in init_bytes and i not in seen_weights))
             seen_weights.update(weights)
             outs = [o for o in node.output if o]
             if any(prefill.get(o) is None or prefill[o].shape is None for o in outs):

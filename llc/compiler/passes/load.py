@@ -14,7 +14,6 @@ read by a Gather on a float table.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from llc.errors import LlcError
+from llc.runtime.device.manifest import sha256_file
 from llc.compiler.state import CompileState, Digests, KVBinding, Signature, consumers, external_location, value_infos
 
 MAX_PRESENT_DEPTH = 8  # a present output is at most a few ops after its past input
@@ -49,14 +49,6 @@ def read_model(path: Path) -> onnx.ModelProto:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None
     return model
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digests(model: onnx.ModelProto, path: Path) -> Digests:
@@ -168,15 +160,28 @@ def detect_signature(model: onnx.ModelProto, where: Path) -> Signature:
         if present is None:
             raise LlcError(where, f"KV-cache input {name} has no present output")
         taken.add(present)
-        shape = info[name].shape or ()
-        axes = [i for i, d in enumerate(shape) if isinstance(d, str) and i > 0]
-        seq_axis = axes[0] if axes else len(shape) - 2
-        kv.append(KVBinding(past=name, present=present, seq_axis=seq_axis))
+        kv.append(KVBinding(past=name, present=present, seq_axis=_seq_axis(name, g, cons, info)))
     rest = [o for o in outputs if o not in taken]
     logits = "logits" if "logits" in rest else (rest[0] if rest else None)
     if logits is None or logits not in producers_of:
         raise LlcError(where, "cannot find the logits output")
     return Signature(input_roles=roles, kv=tuple(kv), logits=logits)
+
+
+def _seq_axis(past: str, g: onnx.GraphProto, cons: dict[str, list[int]], info) -> int:
+    """The axis the cache grows along: the Concat that appends this step's keys says it.
+
+    Without one (a fused attention op), the first symbolic axis after the batch,
+    else the second to last ([batch, heads, seq, dim] as every exporter here writes it).
+    """
+    shape = info[past].shape or ()
+    for i in cons.get(past, []):
+        node = g.node[i]
+        if node.op_type == "Concat":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            return axis + len(shape) if axis < 0 and shape else axis
+    axes = [i for i, d in enumerate(shape) if isinstance(d, str) and i > 0]
+    return axes[0] if axes else len(shape) - 2
 
 
 def _first_output_after(start: str, g: onnx.GraphProto, cons: dict[str, list[int]],

@@ -28,7 +28,6 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import document
 from .manifest import Manifest, read_manifest, verify_files
 from .protocol import COORDINATOR, HELLO
 from .stage import Stage, StepResult
