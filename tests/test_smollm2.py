@@ -69,7 +69,7 @@ def model() -> Path:
 def all_builds(tmp_path_factory) -> dict[tuple[str, int], Path]:
     """One build per exporter and stage count, from a profile of 4 local devices (1 thread each), no EOS."""
     root = tmp_path_factory.mktemp("smollm2")
-    profile = write_profile(root / "devices.yaml", 4, base_port=free_port_range(4))
+    profile = write_profile(root / "devices.yaml", 4, base_port=free_port_range(4), requests_in_flight=2)
     # The builds' keys come from the test session's secret (see conftest), created once here:
     # two compiles starting together would both try to create it.
     secret = tmp_path_factory.getbasetemp() / "build-secret"
