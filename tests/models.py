@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 VERSION = 2
-EXPORTERS = ("legacy", "dynamo", "dynamo-plain", "onnxscript")
+EXPORTERS = ("legacy", "dynamo", "dynamo-plain", "onnxscript", "genai-int4", "genai-int8", "genai-fp32")
 _EXPORT_PY = Path(__file__).resolve().parents[1] / "examples" / "smollm2" / "export.py"
 
 
@@ -49,6 +49,12 @@ def tiny_llama(exporter: str = "legacy", external_data: bool = False) -> Path:
 def tiny_llama_tied(exporter: str = "dynamo") -> Path:
     """Two LLaMA layers with the embedding tied to the LM head (shared by the first and last block)."""
     return _build("tiny-llama-tied", exporter, False)
+
+
+def genai_llama(precision: str = "int4") -> Path:
+    """tiny llama through onnxruntime-genai's model builder (int4, int8 or fp32): contrib ops
+    (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization), no position_ids input."""
+    return _build("tiny-llama", f"genai-{precision}", False)
 
 
 def small_llama() -> Path:
@@ -100,6 +106,23 @@ def torch_model(name: str):
     return model.eval()
 
 
+def build_with_genai(model, out: Path, precision: str) -> None:
+    """onnxruntime-genai's builder on the model saved as a Hugging Face folder (no hub involved)."""
+    import subprocess
+    import sys
+
+    from helpers import write_tokenizer
+
+    hf = out / "hf"
+    model.save_pretrained(hf)
+    write_tokenizer(hf / "tokenizer.json", model.config.vocab_size)  # the builder copies it
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                           "-p", precision, "-e", "cpu"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai builder failed: {proc.stderr[-2000:]}")
+    shutil.rmtree(hf)
+
+
 @functools.lru_cache(maxsize=None)
 def export_module():
     """examples/smollm2/export.py as a module (it is a script, not part of the llc package)."""
@@ -120,7 +143,11 @@ def _build(name: str, exporter: str, external_data: bool) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        if exporter == "onnxscript":
+        if exporter.startswith("genai-"):
+            model = torch_model(name)
+            build_with_genai(model, tmp, exporter.removeprefix("genai-"))
+            gen = {"eos_token_ids": [model.config.eos_token_id], "bos_token_id": model.config.bos_token_id}
+        elif exporter == "onnxscript":
             if name != "tiny-llama" or external_data:
                 raise ValueError("the onnxscript model is tiny-llama with its weights inside")
             import onnxscript_llama

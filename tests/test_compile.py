@@ -21,12 +21,13 @@ from conftest import write_profile
 from llc.bundle import schema
 from llc.cli import main
 from llc.compiler import PASSES, compile_model
+from llc.compiler.passes.load import check_onnx
 from llc.compiler.segment import sha256_file
 from llc.errors import LlcError
 from llc.runtime.splitrun import SplitRunner
 from llc.profile import load_profile
 from llc.runtime.verify import verify_build
-from models import tiny_gpt2, tiny_llama, tiny_llama_tied
+from models import genai_llama, tiny_gpt2, tiny_llama, tiny_llama_tied
 
 # name -> (builder, number of layers)
 BUILDERS = {
@@ -35,6 +36,9 @@ BUILDERS = {
     "llama-dynamo-plain": (lambda: tiny_llama("dynamo-plain"), 4),
     "llama-onnxscript": (lambda: tiny_llama("onnxscript"), 4),
     "llama-tied-dynamo": (lambda: tiny_llama_tied("dynamo"), 2),
+    "llama-genai-int4": (lambda: genai_llama("int4"), 4),
+    "llama-genai-int8": (lambda: genai_llama("int8"), 4),
+    "llama-genai-fp32": (lambda: genai_llama("fp32"), 4),
     "gpt2-legacy": (lambda: tiny_gpt2("legacy"), 4),
     "gpt2-dynamo": (lambda: tiny_gpt2("dynamo"), 4),
     "gpt2-dynamo-plain": (lambda: tiny_gpt2("dynamo-plain"), 4),
@@ -69,7 +73,7 @@ def check_build(build, model) -> None:
     kv_readers: dict[str, int] = {}
     kv = {k.past for k in plan.model.kv}
     for s in plan.stages:
-        onnx.checker.check_model(str(build / s.segment))
+        check_onnx(build / s.segment)
         for i in schema.read_manifest(build / s.manifest).inputs:
             if i.name in kv:
                 kv_readers[i.name] = kv_readers.get(i.name, 0) + 1

@@ -30,7 +30,7 @@ from llc.runtime.device.protocol import REQUEST
 from llc.runtime.device.sampling import SamplingParams, sample
 from llc.targets.base import TargetError, make_target
 from llc.targets.local import LocalTarget
-from models import tiny_gpt2, tiny_llama
+from models import genai_llama, tiny_gpt2, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [[1, 17], [1, 40, 41, 42, 43], [1] + list(range(100, 111)), [1, 7, 8, 9, 200, 201, 202, 203, 3, 4, 5, 6, 250]]
@@ -107,8 +107,8 @@ def test_split_pipeline_matches_unsplit_greedy(model, reference, target, tmp_pat
 
 
 
-@pytest.mark.parametrize("builder", [lambda: tiny_llama("legacy"), lambda: tiny_gpt2("dynamo")],
-                         ids=["llama-legacy", "gpt2-dynamo"])
+@pytest.mark.parametrize("builder", [lambda: tiny_llama("legacy"), lambda: tiny_gpt2("dynamo"),
+                                     lambda: genai_llama("int4")], ids=["llama-legacy", "gpt2-dynamo", "genai-int4"])
 def test_compiled_build_matches_unsplit_greedy(builder, target, tmp_path):
     """The same check on what `llc compile` emits (the real contract), not on hand-made bundles."""
     from llc.compiler import compile_model
@@ -123,7 +123,7 @@ def test_compiled_build_matches_unsplit_greedy(builder, target, tmp_path):
     with Coordinator(build, health=target.health) as c:
         c.connect()
         results = c.generate(PROMPTS, SamplingParams(max_new_tokens=16), concurrency=3)
-    reference = Reference(model)
+    reference = Reference(model, schema.read(build, schema.PLAN).model)  # the plan knows the caches' shapes
     eos = set(schema.read_manifest(build / "devices" / devices(build)[-1] / "manifest.json").eos_token_ids)
     for r, prompt in zip(results, PROMPTS):
         assert r.tokens == reference.greedy(prompt, 16, eos), f"prompt {r.index}"

@@ -37,6 +37,7 @@ class KVDoc:
     past: str
     present: str
     seq_axis: int
+    empty_shape: tuple[int, ...] | None = None  # batch 1, 0 along seq_axis: what step 0 feeds
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,7 @@ class CompileState:
     blocks: list[Block] = field(default_factory=list)
     plan: Plan | None = None
     comm: list[CommEdge] = field(default_factory=list)
+    kv_empty: dict[str, tuple[int, ...]] = field(default_factory=dict)  # cache -> its empty shape (batch 1)
     digests: Digests | None = None
     options: dict[str, str] = field(default_factory=dict)  # compile options that shape the build
     layout: Layout | None = None

@@ -60,6 +60,7 @@ class Unsplit:
         """Inputs for ``tokens`` [1, S] after ``past_len`` cached ones (``past``: input name -> cache)."""
         seq = tokens.shape[1]
         kv_axis = {k.past: k.seq_axis for k in self.model.kv}
+        empty = {k.past: k.empty_shape for k in self.model.kv}
         feeds = {}
         for i in self.session.get_inputs():
             role = self.model.input_roles.get(i.name)
@@ -71,8 +72,8 @@ class Unsplit:
             elif role == "position_ids":
                 feeds[i.name] = np.arange(past_len, past_len + seq, dtype=dtype)[None, :]
             elif role == "kv":
-                feeds[i.name] = past.get(i.name, np.zeros(
-                    [0 if a == kv_axis[i.name] else (d if isinstance(d, int) else 1) for a, d in enumerate(i.shape)],
+                feeds[i.name] = past.get(i.name, np.zeros(empty[i.name] or [
+                    0 if a == kv_axis[i.name] else (d if isinstance(d, int) else 1) for a, d in enumerate(i.shape)],
                     dtype=dtype))
             else:
                 raise LlcError(None, f"do not know how to feed model input {i.name}")

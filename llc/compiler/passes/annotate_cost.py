@@ -19,6 +19,7 @@ from typing import ClassVar
 import onnx
 from onnx import TensorProto
 
+from llc.errors import LlcError
 from llc.compiler.state import CompileState, NodeCost, Signature, TensorInfo, tensor_nbytes, value_infos
 
 BIG_INITIALIZER = 4096  # bytes; smaller ones may hold shape constants shape inference needs
@@ -52,10 +53,15 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int) -> dict[str, TensorInfo]:
-    """Concrete shapes of every tensor for batch 1, ``seq`` new tokens and ``past`` cached ones."""
+def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int,
+                  kv_empty: dict[str, tuple[int, ...]] | None = None) -> dict[str, TensorInfo]:
+    """Concrete shapes of every tensor for batch 1, ``seq`` new tokens and ``past`` cached ones.
+
+    ``kv_empty`` gives the caches' other axes (heads, head size) when their type leaves them symbolic.
+    """
     m = weightless_copy(model)
     kv_axis = {b.past: b.seq_axis for b in sig.kv}
+    kv_empty = kv_empty or {}
     for inp in m.graph.input:
         role = sig.input_roles.get(inp.name)
         if role is None:
@@ -67,7 +73,8 @@ def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int) -
             elif role == "attention_mask":
                 value = 1 if axis == 0 else past + seq
             elif role == "kv":
-                value = past if axis == kv_axis[inp.name] else (1 if axis == 0 else None)
+                value = past if axis == kv_axis[inp.name] else (
+                    1 if axis == 0 else (kv_empty[inp.name][axis] if inp.name in kv_empty else None))
             else:
                 value = 1
             if value is not None and not d.HasField("dim_value"):
@@ -84,6 +91,55 @@ def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int) -
     return value_infos(inferred)
 
 
+def kv_empty_shapes(model: onnx.ModelProto, sig: Signature, tensors: dict[str, TensorInfo],
+                    shapes: dict[str, TensorInfo], where) -> dict[str, tuple[int, ...]]:
+    """Each cache's empty shape: batch 1, 0 along its sequence axis, every other axis a number.
+
+    An axis its type leaves symbolic (onnxruntime-genai writes ``kv_cache_dim``) is read off
+    the present's inferred shape, or else off the GroupQueryAttention that reads the cache
+    (the query's width over the heads).
+    """
+    readers = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, (node, k))
+    out = {}
+    for b in sig.kv:
+        dims = []
+        for axis, d in enumerate((tensors.get(b.past) or TensorInfo(b.past, 1, ())).shape or ()):
+            if axis == 0 or axis == b.seq_axis or isinstance(d, int):
+                dims.append(1 if axis == 0 else 0 if axis == b.seq_axis else d)
+                continue
+            present = (shapes.get(b.present) or TensorInfo("", 1, None)).shape
+            if present and isinstance(present[axis], int):
+                dims.append(present[axis])
+                continue
+            size = _gqa_dim(readers.get(b.past), shapes, axis)
+            if size is None:
+                raise LlcError(where, f"cannot tell the size of axis {axis} ({d}) of the cache {b.past}")
+            dims.append(size)
+        out[b.past] = tuple(dims)
+    return out
+
+
+def _gqa_dim(reader, shapes: dict[str, TensorInfo], axis: int) -> int | None:
+    """Axis 1 (KV heads) or 3 (head size) of a cache that a GroupQueryAttention reads."""
+    if reader is None or reader[0].op_type != "GroupQueryAttention" or reader[1] not in (3, 4):
+        return None
+    node = reader[0]
+    attrs = {a.name: a.i for a in node.attribute}
+    heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
+    if axis == 1:
+        return kv_heads or None
+    query = (shapes.get(node.input[0]) or TensorInfo("", 1, None)).shape
+    key = (shapes.get(node.input[1]) or TensorInfo("", 1, None)).shape if len(node.input) > 1 and node.input[1] else None
+    if key and isinstance(key[-1], int) and kv_heads:
+        return key[-1] // kv_heads
+    if query and isinstance(query[-1], int) and heads + 2 * kv_heads:  # packed q, k and v
+        return query[-1] // (heads + 2 * kv_heads)
+    return None
+
+
 def node_flops(node: onnx.NodeProto, shapes: dict[str, TensorInfo]) -> float:
     out = shapes.get(node.output[0]) if node.output else None
     numel = 0
@@ -91,6 +147,14 @@ def node_flops(node: onnx.NodeProto, shapes: dict[str, TensorInfo]) -> float:
         numel = 1
         for d in out.shape:
             numel *= d
+    if node.op_type == "MatMulNBits":  # weights packed to 4 or 8 bits; K is an attribute
+        return 2.0 * numel * next((a.i for a in node.attribute if a.name == "K"), 0)
+    if node.op_type == "GroupQueryAttention":  # scores and mix: 2 x 2 x S x T x heads x head size
+        present = shapes.get(node.output[1]) if len(node.output) > 1 else None
+        if present is not None and present.shape and all(isinstance(d, int) for d in present.shape):
+            total = present.shape[2]
+            return 2.0 * 2.0 * numel * total  # numel = S x heads x head size of the output
+        return 0.0
     if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "FusedMatMul"):
         a = shapes.get(node.input[0])
         k = a.shape[-1] if a is not None and a.shape and isinstance(a.shape[-1], int) else 0
@@ -109,8 +173,10 @@ class AnnotateCost:
     def run(self, state: CompileState) -> CompileState:
         wl = state.workload
         sig = state.signature
-        prefill = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0)
-        decode = pinned_shapes(state.model, sig, seq=1, past=wl.max_context - 1)
+        first = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0)
+        state.kv_empty = kv_empty_shapes(state.model, sig, state.tensors, first, state.source)
+        prefill = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0, kv_empty=state.kv_empty)
+        decode = pinned_shapes(state.model, sig, seq=1, past=wl.max_context - 1, kv_empty=state.kv_empty)
         init_bytes = {t.name: tensor_nbytes(TensorInfo(t.name, t.data_type, tuple(t.dims)))
                       for t in state.model.graph.initializer}
         kv_outputs = sig.kv_outputs

@@ -4,8 +4,10 @@ before: a topologically ordered node list with costs
 after:  ``state.blocks``: consecutive node ranges, each a layer (or finer block),
         plus the embedding before the first layer and the head after the last.
 
-A cut between node i-1 and node i is legal when exactly one *stream* tensor
-crosses it (the residual stream) and no KV-cache input is read on both sides.
+A cut between node i-1 and node i is legal when the *stream* tensors that
+cross it all come from one node (the residual stream in most exports; the
+normed hidden state and the running sum of one fused SkipSimplifiedLayer-
+Normalization in onnxruntime-genai's) and no KV-cache input is read on both sides.
 Stream tensors are those computed from the token ids or the KV cache. Tensors
 that only depend on the other inputs (attention mask, positions: rotary tables,
 causal masks) or on shapes are cheap side tensors; they may cross any cut and
@@ -52,25 +54,24 @@ def classify_tensors(model: onnx.ModelProto, roles: dict[str, str]) -> dict[str,
 
 
 def legal_cuts(model: onnx.ModelProto, cls: dict[str, str], kv_inputs: set[str]) -> list[int]:
-    """Positions i (cut before node i) where one stream tensor crosses and no KV input straddles."""
+    """Positions i (cut before node i) where the stream tensors crossing all come from one node
+    and no KV input straddles."""
     g = model.graph
     n = len(g.node)
     cons = consumers(g)
-    delta = np.zeros(n + 2, dtype=np.int64)
+    producers = np.zeros(n + 2, dtype=np.int64)  # nodes with a stream output read after the cut
     kv_block = np.zeros(n + 2, dtype=np.int64)
     for i, node in enumerate(g.node):
-        for o in node.output:
-            if o and cls.get(o) == "stream" and o in cons:
-                last = max(cons[o])
-                if last > i:  # crosses cuts i+1 .. last
-                    delta[i + 1] += 1
-                    delta[last + 1] -= 1
+        last = max((max(cons[o]) for o in node.output if o and cls.get(o) == "stream" and o in cons), default=i)
+        if last > i:  # this node's stream outputs cross cuts i+1 .. last
+            producers[i + 1] += 1
+            producers[last + 1] -= 1
     for name in kv_inputs:  # past-length left only shape reads it could not rebuild: they count
         users = cons.get(name, [])
         if users and max(users) > min(users):
             kv_block[min(users) + 1] += 1
             kv_block[max(users) + 1] -= 1
-    crossing = np.cumsum(delta)
+    crossing = np.cumsum(producers)
     straddle = np.cumsum(kv_block)
     cuts = [i for i in range(1, n) if crossing[i] == 1 and straddle[i] == 0]
     # of a run of consecutive legal positions keep the first: side/shape nodes between

@@ -106,9 +106,8 @@ class Emit:
                 shape = shown_shape(info)
                 if t in kv_of:
                     b = kv_of[t]
-                    shape = tuple(0 if i == b.seq_axis else (1 if i == 0 or not isinstance(d, int) else d)
-                                  for i, d in enumerate(shape))
-                    inputs.append(schema.Input(t, info.dtype, shape, "kv", present=b.present, seq_axis=b.seq_axis))
+                    inputs.append(schema.Input(t, info.dtype, state.kv_empty[t], "kv", present=b.present,
+                                               seq_axis=b.seq_axis))
                 elif s.index == 0 and t in sig.input_roles:
                     inputs.append(schema.Input(t, info.dtype, shape, "graph", role=sig.input_roles[t]))
                 else:
@@ -191,7 +190,8 @@ def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
         format=schema.FORMAT, build_id=state.layout.build_id, llc_version=llc.__version__,
         inputs=schema.BuildInputs(**build_inputs(state)),
         model=schema.ModelDoc(str(state.source.resolve()), sig.logits,
-                              tuple(schema.KVDoc(b.past, b.present, b.seq_axis) for b in sig.kv),
+                              tuple(schema.KVDoc(b.past, b.present, b.seq_axis, state.kv_empty[b.past])
+                                    for b in sig.kv),
                               dict(sig.input_roles), vocab),
         profile=str(state.profile.path),
         workload=schema.WorkloadDoc(wl.prompt_tokens, wl.max_context, wl.requests_in_flight, wl.objective,

@@ -18,6 +18,7 @@ or profile gets new keys; nobody without the secret can derive them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -58,11 +59,22 @@ def curve_keypair(secret: bytes, build_id: str, who: str) -> tuple[str, str]:
     return zmq.curve_public(sk).decode(), sk.decode()
 
 
+@functools.lru_cache(maxsize=1)
+def llc_version() -> str:
+    """llc's version and a hash of its own source: a changed compiler never reuses an old build."""
+    root = Path(llc.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".j2") and "__pycache__" not in path.parts:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{llc.__version__}+{h.hexdigest()[:12]}"
+
+
 def build_inputs(state: CompileState) -> dict:
     """What the build is made from, as plain data (recorded in plan.json; compared for a no-op compile)."""
     return {"model_sha256": state.digests.model, "data_sha256": dict(sorted(state.digests.data.items())),
             "profile_sha256": hashlib.sha256(Path(state.profile.path).read_bytes()).hexdigest(),
-            "options": dict(sorted(state.options.items())), "llc_version": llc.__version__}
+            "options": dict(sorted(state.options.items())), "llc_version": llc_version()}
 
 
 @dataclass(frozen=True)

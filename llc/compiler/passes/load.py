@@ -14,7 +14,9 @@ read by a Gather on a float table.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,32 @@ def read_model(path: Path) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise LlcError(path, "not an ONNX model (no graph, nodes or outputs)")
     check_external_data(model, path.parent, path)
+    check_onnx(path)
+    return model
+
+
+def check_onnx(path: Path) -> None:
+    """ONNX's checker, by path (it resolves external data beside the file); LlcError if invalid.
+
+    onnxruntime's own ops (the contrib ops of onnxruntime-genai's builder or Olive) are
+    unknown to ONNX's checker: a model is let through on those, as onnxruntime checks
+    the graph itself when a session loads it.
+    """
     try:
-        onnx.checker.check_model(str(path))  # by path: resolves external data beside it
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
-        raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None
-    return model
+        unknown = re.search(r"No Op registered for (\w+) with domain_version", first)
+        if not (unknown and unknown.group(1) in onnxruntime_ops()):
+            raise LlcError(path, f"invalid ONNX model: {first[:160]}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_ops() -> frozenset[str]:
+    """Every op onnxruntime has a CPU kernel for, in any domain (contrib ops included)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    return frozenset(d.op_name for d in C.get_all_opkernel_def())
 
 
 def digests(model: onnx.ModelProto, path: Path) -> Digests:

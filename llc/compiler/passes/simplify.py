@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import onnx
+import onnx.defs
 
 from llc.errors import LlcError
 from llc.compiler.state import CompileState, value_infos
@@ -25,6 +26,15 @@ from llc.compiler.passes.load import detect_signature
 
 
 CACHE_VERSION = 2  # bump when what load hands to simplify changes (inlining, constant forms)
+
+
+def onnx_knows(node: onnx.NodeProto) -> bool:
+    """An op of the ONNX standard (any opset), which onnxsim can fold and check."""
+    try:
+        onnx.defs.get_schema(node.op_type, domain=node.domain or "")
+        return node.domain in ("", "ai.onnx")
+    except onnx.defs.SchemaError:
+        return False
 
 
 def cache_dir() -> Path:
@@ -39,6 +49,11 @@ class Simplify:
 
     def run(self, state: CompileState) -> CompileState:
         if not self.enabled:
+            return state
+        foreign = sorted({n.op_type for n in state.model.graph.node if not onnx_knows(n)})
+        if foreign:  # onnxsim cannot check what it does to these, and such graphs come optimized
+            state.notes.append(f"simplify skipped: onnxruntime's own ops ({', '.join(foreign[:4])}) "
+                               f"are not ONNX's, and their builder has optimized the graph")
             return state
         import onnxsim
 
