@@ -78,6 +78,8 @@ def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool
 @click.option("--split", "split", default=None, metavar="even|memory|FILE",
               help="A fixed assignment instead of the MIP: the same number of blocks per device, blocks "
                    "in proportion to memory, or a YAML file of {device, blocks: [first, last]} stages.")
+@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
+              help="Quantize an fp32 model's MatMul weights (onnxruntime MatMulNBits, blocks of 32).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="Cut only between layers, or at every legal cut (half layers).")
@@ -86,7 +88,7 @@ def inspect(model: Path, prompt_tokens: int, max_context: int, no_simplify: bool
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
 def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens, max_context,
-                requests_in_flight, stages, split, no_simplify: bool, granularity: str, dump_after,
+                requests_in_flight, stages, split, weights: str, no_simplify: bool, granularity: str, dump_after,
                 force: bool, quiet: bool) -> None:
     """Split MODEL across the devices in a profile and write per-device bundles to OUT."""
     from llc.compiler import compile_model, with_overrides
@@ -103,7 +105,7 @@ def compile_cmd(model: Path, devices: Path, out: Path, objective, prompt_tokens,
                                 f"({wl.max_context})")
     state, pm = compile_model(model, profile, out, workload=wl, simplify=not no_simplify,
                               granularity=granularity, dump_after=set(dump_after), quiet=quiet, split=split,
-                              force=force)
+                              force=force, weights=weights)
     if state.up_to_date:
         click.echo(f"build {out} is up to date (build id {schema.read(out, schema.PLAN).build_id}): "
                    f"same model, profile, options and llc version; nothing to do")

@@ -36,6 +36,9 @@ BUILDERS = {
     "llama-dynamo-plain": (lambda: tiny_llama("dynamo-plain"), 4),
     "llama-onnxscript": (lambda: tiny_llama("onnxscript"), 4),
     "llama-tied-dynamo": (lambda: tiny_llama_tied("dynamo"), 2),
+    "llama-legacy-llc-int4": (lambda: (tiny_llama("legacy"), "int4"), 4),
+    "llama-dynamo-llc-int8": (lambda: (tiny_llama("dynamo"), "int8"), 4),
+    "gpt2-legacy-llc-int4": (lambda: (tiny_gpt2("legacy"), "int4"), 4),
     "llama-genai-int4": (lambda: genai_llama("int4"), 4),
     "llama-genai-int8": (lambda: genai_llama("int8"), 4),
     "llama-genai-fp32": (lambda: genai_llama("fp32"), 4),
@@ -45,6 +48,12 @@ BUILDERS = {
 }
 
 
+def model_of(name: str):
+    """(model path, weights): an export as is (fp32, or quantized by its exporter), or quantized by llc."""
+    made = BUILDERS[name][0]()
+    return made if isinstance(made, tuple) else (made, "fp32")
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_layers_found_whatever_the_exporter(name):
     """Structure, not names: every export yields embed, its layers, head; one KV pair per layer."""
@@ -52,8 +61,8 @@ def test_layers_found_whatever_the_exporter(name):
     from llc.compiler.pipeline import PassManager
     from llc.profile import Workload
 
-    builder, layers = BUILDERS[name]
-    state = PassManager(analysis_passes()).run(new_state(builder(), None, Workload(16, 128)))
+    (model, weights), layers = model_of(name), BUILDERS[name][1]
+    state = PassManager(analysis_passes(weights=weights)).run(new_state(model, None, Workload(16, 128)))
     labels = [b.label for b in state.blocks]
     assert labels == ["embed"] + [f"layer {i}" for i in range(layers)] + ["head"]
     assert len(state.signature.kv) == 2 * layers
@@ -89,9 +98,9 @@ def check_build(build, model) -> None:
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_split_equals_unsplit(tmp_path, name, stages):
-    model = BUILDERS[name][0]()
+    model, weights = model_of(name)
     profile = load_profile(write_profile(tmp_path / "p.yaml", 4, stages=stages))
-    compile_model(model, profile, tmp_path / "build", quiet=True)
+    compile_model(model, profile, tmp_path / "build", quiet=True, weights=weights)
     assert len(schema.read(tmp_path / "build", schema.PLAN).stages) == stages
     check_build(tmp_path / "build", model)
 
@@ -101,7 +110,7 @@ def test_split_equals_unsplit(tmp_path, name, stages):
 def test_lone_embedding_and_lone_head_stages(tmp_path, name, shape):
     """A stage with only the embedding owns no cache, one with only the head reads no layer:
     both must still know the past length (from the mask) and give split == unsplit."""
-    model, layers = BUILDERS[name][0](), BUILDERS[name][1]
+    (model, weights), layers = model_of(name), BUILDERS[name][1]
     last = f"layer {layers - 1}"
     ranges = {"embed|layers|head": [["embed", "embed"], ["layer 0", last], ["head", "head"]],
               "embed|layers|layers|head": [["embed", "embed"], ["layer 0", "layer 0"], ["layer 1", last],
@@ -110,7 +119,7 @@ def test_lone_embedding_and_lone_head_stages(tmp_path, name, shape):
     split = tmp_path / "split.yaml"
     split.write_text(yaml.safe_dump({"stages": [{"device": f"dev{i}", "blocks": r} for i, r in enumerate(ranges)]}))
     profile = load_profile(write_profile(tmp_path / "p.yaml", 4))
-    state, _ = compile_model(model, profile, tmp_path / "build", quiet=True, split=str(split))
+    state, _ = compile_model(model, profile, tmp_path / "build", quiet=True, split=str(split), weights=weights)
     assert [(s.first_block, s.last_block) for s in state.plan.stages] == \
         [tuple(state.blocks.index(next(b for b in state.blocks if b.label == x)) for x in r) for r in ranges]
     check_build(tmp_path / "build", model)
@@ -178,7 +187,7 @@ def test_keys_are_per_build_and_per_device(tmp_path):
 def test_pass_registry_names_match():
     for key, cls in PASSES.items():
         assert key == cls.name
-    assert list(PASSES) == ["load", "simplify", "past-length", "annotate-cost", "coarsen", "partition",
+    assert list(PASSES) == ["load", "simplify", "quantize", "past-length", "annotate-cost", "coarsen", "partition",
                             "comm-map", "layout", "split", "emit"]
 
 

@@ -134,7 +134,7 @@ def test_compile_prints_plan_and_progress(tmp_path, model):
     p = write_profile(tmp_path / "devices.yaml", 3, stages=3)
     r = llc("compile", str(model), "--devices", str(p), "-o", "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "[10/10] emit done" in r.stderr
+    assert "[11/11] emit done" in r.stderr
     assert "3 stage(s)" in r.stdout and "ms/token" in r.stdout and "B/token" in r.stdout
 
 
@@ -160,6 +160,6 @@ def test_a_bug_in_a_pass_names_the_pass_and_what_to_report(tmp_path, model, prof
     r = CliRunner().invoke(main, ["compile", str(model), "--devices", str(profile), "-o", str(tmp_path / "o"), "-q"])
     assert r.exit_code == 1
     line = r.output.strip().splitlines()[-1]
-    assert line.startswith("llc: internal error: in pass coarsen (after load, simplify, past-length, "
+    assert line.startswith("llc: internal error: in pass coarsen (after load, simplify, quantize, past-length, "
                            "annotate-cost): ValueError: boom; this is a bug in llc"), line
     assert "LLC_DEBUG=1" in line and not (tmp_path / "o").exists()

@@ -42,11 +42,18 @@ class KVDoc:
 
 @dataclass(frozen=True)
 class ModelDoc:
-    path: str  # the model the user gave (verify compares against it)
+    path: str  # the model the user gave
     logits: str
     kv: tuple[KVDoc, ...]
     input_roles: dict[str, str]  # graph input -> input_ids | attention_mask | position_ids | kv | other
     vocab_size: int | None = None
+    weights: str = "fp32"  # fp32 (as given) | int8 | int4 (quantized by llc)
+    reference: str | None = None  # the unsplit model at the same precision, when it is not `path`
+
+    @property
+    def unsplit(self) -> str:
+        """What `llc verify` compares the split with: the model at the build's precision."""
+        return self.reference or self.path
 
 
 @dataclass(frozen=True)

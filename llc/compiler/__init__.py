@@ -1,6 +1,6 @@
 """The compiler: the pass registry and the compile pipeline (which passes run, in which order).
 
-    load -> simplify -> past-length -> annotate-cost -> coarsen      (analysis_passes: the model alone)
+    load -> simplify -> quantize -> past-length -> annotate-cost -> coarsen   (analysis_passes: the model)
          -> partition -> comm-map -> layout -> split -> emit         (for a device profile)
 
 A compile whose inputs (the model's and its data's hashes, the profile's, the
@@ -27,6 +27,7 @@ from llc.compiler.passes.layout import LayoutPass, build_inputs
 from llc.compiler.passes.load import Load
 from llc.compiler.passes.partition import Partition
 from llc.compiler.passes.past_length import PastLength
+from llc.compiler.passes.quantize import Quantize
 from llc.compiler.passes.simplify import Simplify
 from llc.compiler.passes.split import Split
 from llc.compiler.pipeline import PassManager
@@ -36,7 +37,7 @@ from llc.errors import LlcError
 from llc.profile import Profile, Workload
 
 # one explicit registry: name -> pass class (a test checks each key is the pass's own name)
-PASSES = {p.name: p for p in (Load, Simplify, PastLength, AnnotateCost, Coarsen, Partition, CommMap, LayoutPass,
+PASSES = {p.name: p for p in (Load, Simplify, Quantize, PastLength, AnnotateCost, Coarsen, Partition, CommMap, LayoutPass,
                               Split, Emit)}
 
 
@@ -52,8 +53,9 @@ def eos_ids_beside(model: Path) -> tuple[int, ...]:
     return tuple(int(i) for i in (ids if isinstance(ids, list) else [ids]))
 
 
-def analysis_passes(simplify: bool = True, granularity: str = "layer") -> list:
-    return [Load(), Simplify(enabled=simplify), PastLength(), AnnotateCost(), Coarsen(granularity=granularity)]
+def analysis_passes(simplify: bool = True, granularity: str = "layer", weights: str = "fp32") -> list:
+    return [Load(), Simplify(enabled=simplify), Quantize(weights=weights), PastLength(), AnnotateCost(),
+            Coarsen(granularity=granularity)]
 
 
 def new_state(model: Path, profile: Profile | None, workload: Workload) -> CompileState:
@@ -62,7 +64,7 @@ def new_state(model: Path, profile: Profile | None, workload: Workload) -> Compi
 
 
 def build_options(workload: Workload, simplify: bool, granularity: str, split: str | None,
-                  eos: tuple[int, ...]) -> dict[str, str]:
+                  eos: tuple[int, ...], weights: str = "fp32") -> dict[str, str]:
     """The compile options that shape a build, as text (a split file by its content's hash)."""
     how = split or "mip"
     if split not in (None, "even", "memory"):
@@ -71,7 +73,7 @@ def build_options(workload: Workload, simplify: bool, granularity: str, split: s
         except OSError as e:
             raise LlcError(split, f"cannot read split file ({e.strerror or e})") from None
     return {"workload": json.dumps(dataclasses.asdict(workload), sort_keys=True), "simplify": str(simplify),
-            "granularity": granularity, "split": how, "eos_token_ids": json.dumps(list(eos))}
+            "granularity": granularity, "split": how, "eos_token_ids": json.dumps(list(eos)), "weights": weights}
 
 
 def up_to_date(out_dir: Path, inputs: dict) -> str | None:
@@ -94,17 +96,18 @@ def up_to_date(out_dir: Path, inputs: dict) -> str | None:
 def compile_model(model: Path, profile: Profile, out_dir: Path, *, workload: Workload | None = None,
                   simplify: bool = True, granularity: str = "layer", dump_after: set[str] = frozenset(),
                   quiet: bool = False, eos_token_ids: tuple[int, ...] | None = None,
-                  split: str | None = None, force: bool = False) -> tuple[CompileState, PassManager]:
+                  split: str | None = None, force: bool = False, weights: str = "fp32"
+                  ) -> tuple[CompileState, PassManager]:
     """Compile ``model`` for ``profile`` into ``out_dir``; ``state.up_to_date`` if nothing had to change."""
     workload = workload or profile.workload
     eos = eos_token_ids if eos_token_ids is not None else eos_ids_beside(Path(model))
     progress = None if quiet else (lambda m: print(f"llc: {m}", file=sys.stderr, flush=True))
-    passes = analysis_passes(simplify, granularity) + [
+    passes = analysis_passes(simplify, granularity, weights) + [
         Partition(split=split), CommMap(), LayoutPass(), Split(), Emit(out_dir=Path(out_dir), eos_token_ids=eos)]
     pm = PassManager(passes=passes, dump_after=set(dump_after), dump_dir=Path(out_dir).resolve().parent,
                      progress=progress)
     state = new_state(model, profile, workload)
-    state.options = build_options(workload, simplify, granularity, split, eos)
+    state.options = build_options(workload, simplify, granularity, split, eos, weights)
     state = pm.run(state, stop_after="load")
     if not force and up_to_date(Path(out_dir), build_inputs(state)):
         state.up_to_date = True

@@ -178,6 +178,7 @@ class CompileState:
     data_dir: Path  # where external data locations are resolved
     profile: Profile
     workload: Workload
+    reference: Path | None = None  # the unsplit model at the build's precision, when not the user's
     signature: Signature | None = None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # symbolic shapes
     costs: list[NodeCost] = field(default_factory=list)

@@ -100,9 +100,10 @@ class Unsplit:
 
 def verify_build(build: Path, prompt_len: int = 7, seed: int = 0) -> list[OutputDiff]:
     plan = schema.read(build, schema.PLAN)
-    model = Path(plan.model.path)
+    model = Path(plan.model.unsplit)
     if not model.is_file():
-        raise LlcError(build / schema.PLAN, f"the original model {model} is gone; cannot compare")
+        raise LlcError(build / schema.PLAN, f"the unsplit model {model} is gone; cannot compare "
+                                            f"(`llc compile --force` makes it again)")
     full = Unsplit(model, plan.model)
     rng = np.random.default_rng(seed)
     vocab = plan.model.vocab_size or 32

@@ -80,15 +80,7 @@ def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int,
             if value is not None and not d.HasField("dim_value"):
                 d.Clear()
                 d.dim_value = value
-    try:  # onnxruntime's symbolic inference also follows Range/mask arithmetic
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True, guess_output_rank=True)
-    except Exception:  # it gives up on some ops; ONNX's own inference is the fallback
-        inferred = None
-    if inferred is None:
-        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    return value_infos(inferred)
+    return value_infos(infer(m))
 
 
 def kv_empty_shapes(model: onnx.ModelProto, sig: Signature, tensors: dict[str, TensorInfo],
@@ -138,6 +130,23 @@ def _gqa_dim(reader, shapes: dict[str, TensorInfo], axis: int) -> int | None:
     if query and isinstance(query[-1], int) and heads + 2 * kv_heads:  # packed q, k and v
         return query[-1] // (heads + 2 * kv_heads)
     return None
+
+
+def infer(m: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference (it knows the contrib ops and follows shape
+    arithmetic), else ONNX's own with data propagation."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True, guess_output_rank=True)
+    except Exception:  # it gives up on some ops
+        inferred = None
+    return inferred if inferred is not None else onnx.shape_inference.infer_shapes(m, data_prop=True)
+
+
+def symbolic_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    """Every tensor's type with its dims symbolic where they vary: what segment inputs and outputs declare."""
+    return {name: t for name, t in value_infos(infer(weightless_copy(model))).items() if t.shape is not None}
 
 
 def node_flops(node: onnx.NodeProto, shapes: dict[str, TensorInfo]) -> float:
@@ -199,10 +208,6 @@ class AnnotateCost:
         if unknown:
             state.notes.append(f"annotate-cost: {unknown} nodes without inferred shapes (costed as 0)")
         state.costs = costs
-        try:  # symbolic types of every tensor, for segment inputs and outputs
-            symbolic = onnx.shape_inference.infer_shapes(weightless_copy(state.model))
-            state.tensors = {**state.tensors, **value_infos(symbolic)}
-        except Exception as e:
-            state.notes.append(f"annotate-cost: symbolic shape inference failed ({e})")
+        state.tensors = {**state.tensors, **symbolic_types(state.model)}
         state.shapes = {"prefill": prefill, "decode": decode}
         return state

@@ -192,7 +192,8 @@ def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
         model=schema.ModelDoc(str(state.source.resolve()), sig.logits,
                               tuple(schema.KVDoc(b.past, b.present, b.seq_axis, state.kv_empty[b.past])
                                     for b in sig.kv),
-                              dict(sig.input_roles), vocab),
+                              dict(sig.input_roles), vocab, weights=state.options.get("weights", "fp32"),
+                              reference=str(state.reference) if state.reference else None),
         profile=str(state.profile.path),
         workload=schema.WorkloadDoc(wl.prompt_tokens, wl.max_context, wl.requests_in_flight, wl.objective,
                                     wl.memory_safety, wl.runtime_overhead_mb, wl.stages),

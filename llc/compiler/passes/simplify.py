@@ -5,14 +5,12 @@ after:  an equivalent, smaller graph with the same graph input and output names;
         weights are loaded into memory here (onnxsim needs them) and written out
         once, by emit. ``llc verify`` checks the result against the original.
 
-The result is cached under ``~/.cache/llc/simplify`` keyed by the model bytes and
-onnxsim version, because simplifying a real model is the slowest compile step.
+The result is cached (llc.compiler.cache) under a key of the model's hashes and
+onnxsim's version, because simplifying a real model is the slowest compile step.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +18,7 @@ from typing import ClassVar
 import onnx
 import onnx.defs
 
+from llc.compiler.cache import cached_model, key_of, loaded_full
 from llc.errors import LlcError
 from llc.compiler.state import CompileState, value_infos
 from llc.compiler.passes.load import detect_signature
@@ -37,15 +36,10 @@ def onnx_knows(node: onnx.NodeProto) -> bool:
         return False
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLC_CACHE", Path.home() / ".cache" / "llc")) / "simplify"
-
-
 @dataclass(frozen=True)
 class Simplify:
     name: ClassVar[str] = "simplify"
     enabled: bool = True
-    use_cache: bool = True
 
     def run(self, state: CompileState) -> CompileState:
         if not self.enabled:
@@ -57,33 +51,25 @@ class Simplify:
             return state
         import onnxsim
 
-        d = state.digests
-        key = hashlib.sha256(f"{d.model}:{sorted(d.data.items())}:{onnxsim.__version__}:{CACHE_VERSION}".encode()
-                             ).hexdigest()[:32]
-        cached = cache_dir() / key / "model.onnx"
-        if self.use_cache and cached.is_file():
-            state.model = onnx.load(str(cached), load_external_data=False)
-            state.data_dir = cached.parent
-        else:
-            full = onnx.ModelProto()
-            full.CopyFrom(state.model)
-            onnx.load_external_data_for_model(full, str(state.data_dir))
+        def simplified() -> onnx.ModelProto | None:
             try:
-                simplified, ok = onnxsim.simplify(full, check_n=0, mutable_initializer=False)
+                model, ok = onnxsim.simplify(loaded_full(state.model, state.data_dir), check_n=0,
+                                             mutable_initializer=False)
             except Exception as e:  # onnxsim fails on exotic ops: keep the original graph
                 state.notes.append(f"simplify skipped: onnxsim failed ({str(e).splitlines()[0][:120]})")
-                return state
+                return None
             if not ok:
                 state.notes.append("simplify skipped: onnxsim could not validate its result")
-                return state
-            _check_names(state.model, simplified, state.source)
-            state.model = simplified
-            state.data_dir = state.source.parent  # no external data left; nothing resolves here
-            if self.use_cache:  # reload lazily from the cache: weights leave memory
-                _save_cache(simplified, cached)
-                if cached.is_file():
-                    state.model = onnx.load(str(cached), load_external_data=False)
-                    state.data_dir = cached.parent
+                return None
+            _check_names(state.model, model, state.source)
+            return model
+
+        d = state.digests
+        got = cached_model("simplify", key_of(d.model, sorted(d.data.items()), onnxsim.__version__, CACHE_VERSION),
+                           simplified)
+        if got is None:
+            return state
+        state.model, state.data_dir = got
         state.signature = detect_signature(state.model, state.source)
         state.tensors = value_infos(state.model)
         return state
@@ -96,17 +82,3 @@ def _check_names(before: onnx.ModelProto, after: onnx.ModelProto, where: Path) -
     inits = {t.name for t in before.graph.initializer}
     if [i for i in b_in if i not in inits] != [i for i in a_in if i not in inits] or b_out != a_out:
         raise LlcError(where, "onnxsim changed the graph's input/output names; use --no-simplify")
-
-
-def _save_cache(model: onnx.ModelProto, target: Path) -> None:
-    """Write to a temporary folder and rename, so a crash never leaves half a cache entry."""
-    tmp = target.parent.with_name(target.parent.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save(copy, str(tmp / "model.onnx"), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-    try:
-        tmp.rename(target.parent)
-    except OSError:  # another compile filled it first
-        pass
