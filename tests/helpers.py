@@ -53,7 +53,8 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def compiled_build(model: Path, build: Path, stages: int, *, eos_token_ids=(2,), requests: int = 4,
-                   split: list[tuple[str, str]] | None = None, vocab_size: int = 256, **workload) -> Path:
+                   split: list[tuple[str, str]] | None = None, vocab_size: int = 256, weights: str = "fp32",
+                   **workload) -> Path:
     """``llc compile`` of ``model`` for ``stages`` local devices on free ports, with a tokenizer.
 
     ``split`` fixes the stages' block ranges by label (e.g. [("embed", "layer 1"), ("layer 2", "head")]).
@@ -67,6 +68,6 @@ def compiled_build(model: Path, build: Path, stages: int, *, eos_token_ids=(2,),
         split_file.write_text(yaml.safe_dump({"stages": [{"device": f"dev{i}", "blocks": list(r)}
                                                          for i, r in enumerate(split)]}))
     compile_model(model, load_profile(profile), build, quiet=True, eos_token_ids=tuple(eos_token_ids),
-                  split=str(split_file) if split_file else None)
+                  split=str(split_file) if split_file else None, weights=weights)
     write_tokenizer(build / "tokenizer.json", vocab_size)
     return build

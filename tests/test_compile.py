@@ -8,6 +8,7 @@ empty cache, and a decode step with the prefill's cache).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import numpy as np
@@ -18,6 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import write_profile
+from helpers import compiled_build
 from llc.bundle import schema
 from llc.cli import main
 from llc.compiler import PASSES, compile_model
@@ -266,3 +268,20 @@ def test_unchanged_inputs_and_intact_build_compile_to_a_no_op(tmp_path):
     other = CliRunner().invoke(main, args + ["--max-context", "96"])
     assert "up to date" not in other.output
     assert schema.read(tmp_path / "b", schema.PLAN).build_id != plan.build_id
+
+
+def test_eval_reports_quantized_quality_against_fp32(tmp_path):
+    """llc eval: an fp32 build agrees with itself on every token; int8 stays close; int4 costs more."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{3 + (i * 37) % 250}" for i in range(90)))
+    seen = {}
+    for weights in ("fp32", "int8", "int4"):
+        build = compiled_build(tiny_llama("legacy"), tmp_path / weights, 2, requests=1, weights=weights)
+        r = CliRunner().invoke(main, ["eval", str(build), "--text", str(text), "--json", str(tmp_path / f"{weights}.json")])
+        assert r.exit_code == 0, r.output
+        seen[weights] = json.loads((tmp_path / f"{weights}.json").read_text())
+    assert seen["fp32"]["top1_agreement"] == 1.0 and seen["fp32"]["max_abs_logit_diff"] == 0.0
+    assert seen["fp32"]["perplexity"] == pytest.approx(seen["fp32"]["perplexity_fp32"])
+    assert seen["int8"]["max_abs_logit_diff"] < seen["int4"]["max_abs_logit_diff"]
+    assert seen["int8"]["top1_agreement"] >= 0.9
+    assert 0 < seen["int4"]["top1_agreement"] <= 1.0 and seen["int4"]["tokens"] == 90
