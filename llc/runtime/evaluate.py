@@ -55,19 +55,21 @@ def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
-def evaluate(build: Path, text: str = TEXT) -> Quality:
+def evaluate(build: Path, text: str = TEXT, fp32: Path | None = None) -> Quality:
+    """``fp32``: the model to compare with, when the build's was quantized before llc saw it."""
     plan = schema.read(build, schema.PLAN)
     ids = np.array(load_tokenizer(build).encode(text).ids, dtype=np.int64)
     limit = plan.workload.max_context - 1
     if len(ids) < 2:
         raise LlcError(None, "the text has fewer than 2 tokens")
     ids = ids[:limit]
-    fp32 = Path(plan.model.path)
-    if not fp32.is_file():
-        raise LlcError(build / schema.PLAN, f"the fp32 model {fp32} is gone; cannot compare")
+    reference = Unsplit(Path(fp32), None) if fp32 else Unsplit(Path(plan.model.path), plan.model)
+    if not Path(reference.model.path).is_file():
+        raise LlcError(build / schema.PLAN, f"the fp32 model {reference.model.path} is gone; cannot compare")
     got = SplitRunner(build, threads=1).teacher_force(ids.tolist(), []).steps[0][plan.model.logits][0]
-    want = Unsplit(fp32, plan.model).step(ids[None, :], {}, 0)[0][plan.model.logits][0]
-    return Quality(weights=plan.model.weights, tokens=len(ids) - 1, perplexity=perplexity(got, ids),
+    want = reference.step(ids[None, :], {}, 0)[0][reference.model.logits][0]
+    return Quality(weights=plan.model.weights if not fp32 else f"{plan.model.weights} (as given)",
+                   tokens=len(ids) - 1, perplexity=perplexity(got, ids),
                    perplexity_fp32=perplexity(want, ids),
                    top1_agreement=float((got[:-1].argmax(-1) == want[:-1].argmax(-1)).mean()),
                    max_abs_logit_diff=float(np.abs(got.astype(np.float64) - want).max()))

@@ -44,6 +44,8 @@ class Unsplit:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        if not Path(path).is_file():
+            raise LlcError(path, "model file not found")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         if model is None:
             import onnx

@@ -136,9 +136,30 @@ def infer(m: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's symbolic shape inference (it knows the contrib ops and follows shape
     arithmetic), else ONNX's own with data propagation."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_attribute
 
-        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True, guess_output_rank=True)
+        class Inference(SymbolicShapeInference):
+            """Also knows GatherBlockQuantized (a tied, quantized embedding), which the tool lacks."""
+
+            def __init__(self):
+                super().__init__(2**31 - 1, True, True, 0)
+                self.dispatcher_["GatherBlockQuantized"] = self._gather_block_quantized
+
+            def _gather_block_quantized(self, node):
+                data, ids = self._get_shape(node, 0), self._get_shape(node, 1)
+                width = data[-1] * (8 // get_attribute(node, "bits", 4))  # packed along the last axis
+                vi = self.known_vi_[node.output[0]]
+                vi.CopyFrom(onnx.helper.make_tensor_value_info(
+                    node.output[0], self.known_vi_[node.input[2]].type.tensor_type.elem_type,
+                    ids + data[1:-1] + [width]))
+
+        s = Inference()  # what SymbolicShapeInference.infer_shapes does, with the subclass
+        s._preprocess(m)
+        done = False
+        while s.run_:
+            done = s._infer_impl()
+        s._update_output_from_vi()
+        inferred = s.out_mp_ if done else None
     except Exception:  # it gives up on some ops
         inferred = None
     return inferred if inferred is not None else onnx.shape_inference.infer_shapes(m, data_prop=True)
