@@ -92,14 +92,14 @@ def main() -> None:
                 "tp_mip_solve_s": round(s_tp.plan.solve_seconds, 4),
             })
     f = lambda v, ok=True: f"{v:9.2f}" + ("" if ok else "*")  # noqa: E731
-    print(f"\nSmolLM2-135M decode ms/token, predicted (* = does not fit in memory)")
+    print("\nSmolLM2-135M decode ms/token, predicted (* = does not fit in memory)")
     print(f"{'phones':>6} {'MIP':>9} {'stages':>6} {'MIP all':>9} {'even':>10} {'mem-prop':>10} "
           f"{'even/MIP':>9} {'memp/MIP':>9} {'MIP solve s':>11}")
     for r in rows:
         print(f"{r['devices']:>6} {f(r['mip_ms'])} {r['mip_stages']:>6} {f(r['mip_all_ms'])} "
               f"{f(r['even_ms'], r['even_feasible']):>10} {f(r['memprop_ms'], r['memprop_feasible']):>10} "
               f"{r['even_ms'] / r['mip_ms']:>9.2f} {r['memprop_ms'] / r['mip_ms']:>9.2f} {r['mip_solve_s']:>11.3f}")
-    print(f"\nobjective throughput: pipeline bottleneck ms (lower = more tokens/s with requests in flight)")
+    print("\nobjective throughput: pipeline bottleneck ms (lower = more tokens/s with requests in flight)")
     print(f"{'phones':>6} {'MIP':>9} {'stages':>6} {'even':>10} {'mem-prop':>10} {'MIP solve s':>11}")
     for r in rows:
         print(f"{r['devices']:>6} {f(r['tp_mip_bottleneck_ms'])} {r['tp_mip_stages']:>6} "

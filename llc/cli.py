@@ -184,7 +184,8 @@ def eval_cmd(build: Path, text_file: Path | None, fp32: Path | None, json_path: 
 
 def _register_optional() -> None:
     """Commands that live in their own modules."""
-    for mod, attr in (("llc.runtime.run", "run"), ("llc.lab.phones", "lab"), ("llc.targets.deploy", "commands")):
+    for mod, attr in (("llc.runtime.run", "run"), ("llc.runtime.serve", "serve"), ("llc.lab.phones", "lab"),
+                      ("llc.targets.deploy", "commands")):
         try:
             module = __import__(mod, fromlist=[attr])
         except ImportError as e:

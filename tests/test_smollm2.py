@@ -158,3 +158,40 @@ def test_llc_run_3_devices_matches_unsplit_greedy(builds, reference, tmp_path):
     assert [s["decode_steps"] for s in summary["stages"]] == [2 * (NEW_TOKENS - 1)] * 3
     devices = [s["device"] for s in summary["stages"]]
     assert f"{devices[0]}->{devices[1]}" in summary["hops"] and f"{devices[2]}->{devices[0]}" in summary["hops"]
+
+
+def test_serve_chat_equals_transformers_greedy_chat(builds):
+    """llc serve over 3 devices: a greedy chat answer is transformers' greedy chat answer, same template."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_serve import Server
+
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    sys.path.insert(0, str(REPO / "examples" / "smollm2"))
+    import export as ex
+
+    src = ex.gguf_dir()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=ex.GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=ex.GGUF_FILE, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():  # the builds have no EOS, so neither does this: the same 24 tokens
+        out = model.generate(**ids, do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
+    want = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    server = Server(builds[3])
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        model_id = client.models.list().data[0].id
+        got = client.chat.completions.create(model=model_id, messages=messages, max_tokens=24, temperature=0)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model_id, messages=messages, max_tokens=24, temperature=0, stream=True) if c.choices)
+    finally:
+        server.stop()
+    assert got.choices[0].message.content == want
+    assert streamed == want
+    assert "Paris" in want

@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 a device died, hung or failed (the message names it);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -16,6 +17,7 @@ import click
 
 from llc.bundle import schema
 from llc.errors import DeviceError, LlcError, one_line_errors
+from llc.runtime.chat import ChatTemplate
 from llc.runtime.coordinator import Coordinator, RequestResult, StageStats, TextStream, load_tokenizer
 from llc.runtime.device.sampling import SamplingParams
 from llc.targets.base import Target, make_target
@@ -116,45 +118,31 @@ def _print_summary(summary: dict) -> None:
 @click.option("--attach", is_flag=True, help="Devices are already running (e.g. after `llc deploy`): "
                                              "do not start or stop them.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the devices to start.")
+@click.option("--chat", is_flag=True, help="Send each prompt as a user message in the model's chat template.")
 @one_line_errors
 def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
         top_k: int, top_p: float, seed: int | None, concurrency: int, json_path: Path | None,
-        target_name: str | None, attach: bool, timeout: float, timeline_path: Path | None = None) -> None:
+        target_name: str | None, attach: bool, timeout: float, timeline_path: Path | None = None,
+        chat: bool = False) -> None:
     """Generate text with the devices of BUILD_DIR (the output of `llc compile`)."""
     texts = _prompts(prompt, prompts_file)
     build = schema.open_build(build_dir)
     head = build.manifest(build.devices[0])
     tok = load_tokenizer(build_dir)  # before anything starts: a build without one fails at once
-    prompts = [tok.encode(t).ids for t in texts]
+    if chat:
+        template = ChatTemplate.of_build(build_dir, tok)
+        if template is None:
+            raise LlcError(build_dir, "the build has no chat template (none was beside the model)")
+        prompts = [tok.encode(template.render([{"role": "user", "content": t}]), add_special_tokens=False).ids
+                   for t in texts]
+    else:
+        prompts = [tok.encode(t).ids for t in texts]
     check_requests(build, head, prompts, max_new_tokens, concurrency)
     try:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     except ValueError as e:
         raise LlcError(None, str(e)) from None
-    names = sorted({s.target for s in build.plan.stages})
-    if target_name is None and len(names) > 1:
-        raise LlcError(None, f"the plan mixes targets {names}; pick one with --target")
-    # After `llc deploy` the phones already run this build: attach, and watch them for health and logs.
-    watcher = None
-    if target_name is None and names == ["adb"]:
-        from llc.targets.adb import deployed_target
-
-        watcher = deployed_target(build_dir)
-        if watcher is not None and not attach:
-            click.echo("attaching to the devices `llc deploy` started (they keep running)", err=True)
-            attach = True
-    target: Target | None = None if attach else make_target(target_name or names[0])
-    monitor = target or watcher
-
-    # SIGTERM unwinds like Ctrl-C, so the finally below stops every device.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    coord: Coordinator | None = None
-    try:
-        if target is not None:
-            click.echo(f"starting {len(build.devices)} device(s) with target {target.name} ...", err=True)
-            target.start(build_dir, build.devices)
-        coord = Coordinator(build_dir, health=monitor.health if monitor else None)
-        coord.connect(timeout)
+    with devices_running(build_dir, build, target_name, attach, timeout) as coord:
         streams = [TextStream(tok) for _ in prompts]
         single = len(prompts) == 1
 
@@ -188,6 +176,37 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
                    "results": [{"prompt": texts[r.index], "prompt_ids": r.prompt, "tokens": r.tokens, "text": r.text,
                                 "ttft_ms": r.ttft_ms, "ms_per_token": r.ms_per_token} for r in results]}
             json_path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def devices_running(build_dir: Path, build: schema.Build, target_name: str | None, attach: bool, timeout: float):
+    """A coordinator connected to the build's devices: started here (and stopped on the way out,
+    whatever happens), or already running (`llc deploy`, --attach). A device's failure carries
+    its last log lines."""
+    names = sorted({s.target for s in build.plan.stages})
+    if target_name is None and len(names) > 1:
+        raise LlcError(None, f"the plan mixes targets {names}; pick one with --target")
+    # After `llc deploy` the phones already run this build: attach, and watch them for health and logs.
+    watcher = None
+    if target_name is None and names == ["adb"]:
+        from llc.targets.adb import deployed_target
+
+        watcher = deployed_target(build_dir)
+        if watcher is not None and not attach:
+            click.echo("attaching to the devices `llc deploy` started (they keep running)", err=True)
+            attach = True
+    target: Target | None = None if attach else make_target(target_name or names[0])
+    monitor = target or watcher
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops every device.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    coord: Coordinator | None = None
+    try:
+        if target is not None:
+            click.echo(f"starting {len(build.devices)} device(s) with target {target.name} ...", err=True)
+            target.start(build_dir, build.devices)
+        coord = Coordinator(build_dir, health=monitor.health if monitor else None)
+        coord.connect(timeout)
+        yield coord
         if target is not None:
             coord.stop_devices()
     except DeviceError as e:

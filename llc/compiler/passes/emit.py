@@ -1,8 +1,8 @@
 """emit: write the build directory (llc.bundle.schema is the contract; docs/BUNDLE.md shows it).
 
 before: segments, a layout, a plan and a comm map
-after:  ``build/``: plan.json, coordinator.json, report.html, tokenizer.json and
-        generation.json (copied from beside the model, when there), and per
+after:  ``build/``: plan.json, coordinator.json, report.html, tokenizer.json,
+        generation.json and the chat template (from beside the model, when there), and per
         device ``devices/<name>/``: segment.onnx (+ .data), manifest.json,
         run.sh and the device runtime ``llc_runtime/`` (llc.runtime.device,
         copied verbatim).
@@ -31,7 +31,9 @@ from llc.compiler.passes.layout import build_inputs
 from llc.compiler.report import render_report
 from llc.compiler.segment import sha256_file, write_segment
 from llc.compiler.state import CompileState, TensorInfo, tensor_nbytes
+from llc.runtime import chat
 from llc.runtime import device as device_package
+from llc.runtime.chat import find_template
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 RUNTIME_DIR = Path(device_package.__file__).parent
@@ -155,6 +157,9 @@ class Emit:
             src = state.source.parent / extra
             if src.is_file():
                 shutil.copyfile(src, root / extra)
+        template = find_template(state.source.parent)
+        if template is not None:  # llc serve and llc run --chat lay conversations out with it
+            (root / chat.FILE).write_text(template)
         (root / "report.html").write_text(render_report(doc, templates_env()))
 
 
