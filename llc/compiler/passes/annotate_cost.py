@@ -147,7 +147,10 @@ def infer(m: onnx.ModelProto) -> onnx.ModelProto:
 
             def _gather_block_quantized(self, node):
                 data, ids = self._get_shape(node, 0), self._get_shape(node, 1)
-                width = data[-1] * (8 // get_attribute(node, "bits", 4))  # packed along the last axis
+                packed = self.known_vi_[node.input[0]].type.tensor_type.elem_type in (TensorProto.UINT8,
+                                                                                    TensorProto.INT8)
+                # bytes hold 8 // bits values each (onnxruntime-genai); a (u)int4 tensor has its own shape
+                width = data[-1] * (8 // get_attribute(node, "bits", 4)) if packed else data[-1]
                 vi = self.known_vi_[node.output[0]]
                 vi.CopyFrom(onnx.helper.make_tensor_value_info(
                     node.output[0], self.known_vi_[node.input[2]].type.tensor_type.elem_type,
