@@ -130,8 +130,12 @@ class Coordinator:
     def send(self, device: str, kind: str, **fields) -> None:
         self.socks[device].send_multipart(protocol.pack(kind, **fields))
 
-    def receive(self, timeout_s: float) -> Iterator[tuple[str, protocol.Message]]:
-        """Messages that arrive within ``timeout_s`` (all that are queued, at least one wait)."""
+    def receive(self, timeout_s: float, errors: bool = True) -> Iterator[tuple[str, protocol.Message]]:
+        """Messages that arrive within ``timeout_s`` (all that are queued, at least one wait).
+
+        A device's ``error`` raises DeviceFailure, unless ``errors`` is False (then it is
+        yielded like any message, for a caller that fails only the request it names).
+        """
         for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000))):
             while True:
                 try:
@@ -145,7 +149,7 @@ class Coordinator:
                     raise DeviceFailure(device, f"sent a malformed message ({e})") from None
                 if msg.type == PONG:
                     self._awaiting_pong.pop(device, None)
-                elif msg.type == ERROR:
+                elif msg.type == ERROR and errors:
                     raise DeviceFailure(msg["device"], f"reported: {msg['message']}")
                 yield device, msg
 

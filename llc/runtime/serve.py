@@ -36,7 +36,7 @@ from llc.bundle import schema
 from llc.errors import LlcError, one_line_errors
 from llc.runtime.chat import ChatTemplate
 from llc.runtime.coordinator import Coordinator, DeviceFailure, TextStream, load_tokenizer
-from llc.runtime.device.protocol import REQUEST, STATS, TOKEN
+from llc.runtime.device.protocol import ERROR, REQUEST, STATS, TOKEN
 from llc.runtime.device.sampling import SamplingParams
 
 STATS_EVERY_S = 5.0
@@ -121,9 +121,14 @@ class Engine:
                     job = self.waiting.pop(0)
                     self.active[job.rid] = job
                     self.c.send(self.c.head, REQUEST, rid=job.rid, prompt=job.prompt, params=job.params.to_dict())
-                for device, msg in self.c.receive(0.02):
+                for device, msg in self.c.receive(0.02, errors=False):
                     if msg.type == STATS:
                         self.stats[device] = msg.fields
+                    elif msg.type == ERROR:  # one request refused or failed: only that one ends
+                        job = self.active.pop(msg.get("rid"), None)
+                        if job is not None:
+                            self.c.cancel([job.rid])
+                            job.put(ApiError(500, f"device {msg['device']!r}: {msg['message']}", "server_error"))
                     elif msg.type == TOKEN and msg["rid"] in self.active:
                         last_progress = time.monotonic()
                         job = self.active[msg["rid"]]
@@ -248,6 +253,8 @@ async def generate(s: Served, prompt: list[int], params: SamplingParams, stop: l
     try:
         while finish is None:
             item = await job.tokens.get()
+            if isinstance(item, ApiError):
+                raise item
             if isinstance(item, Exception):
                 raise ApiError(503, f"the pipeline failed: {item}", "server_error")
             token, done = item
