@@ -6,6 +6,7 @@ the build is tiny llama over 2 local devices with a chat template beside the mod
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -197,3 +198,19 @@ def test_api_key_and_full_queue(tmp_path):
             st.close()
     finally:
         s.stop()
+
+
+def test_llc_run_chat_uses_the_template(build, tmp_path):
+    """`llc run --chat` sends the prompt as a user message laid out by the build's chat template."""
+    model = Path(build).parent / "model" / "model.onnx"  # beside its chat template; other ports than the server's
+    chat_build = compiled_build(model, tmp_path / "build", 2, requests=2, eos_token_ids=[])
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "llc.cli", "run", str(chat_build), "--chat", "--prompt", "w40 w41",
+                           "--max-new-tokens", "6", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(out.read_text())["results"]
+    tok = load_tokenizer(chat_build)
+    want = tok.encode(ChatTemplate.of_build(chat_build, tok).render([{"role": "user", "content": "w40 w41"}]),
+                      add_special_tokens=False).ids
+    assert r["prompt_ids"] == want and r["tokens"] == Reference(model).greedy(want, 6)
