@@ -88,6 +88,7 @@ class Workload:
     memory_safety: float = 1.2  # multiply the predicted need by this
     runtime_overhead_mb: float = 96.0  # python + onnxruntime + zmq per device
     stages: int | None = None  # exactly this many stages; None lets the solver choose
+    max_batch: int | None = None  # decode steps batched at most; None: as many as requests in flight
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def load_profile(path: str | Path) -> Profile:
     wl_raw = top.get("workload", _Map())
     wm = r.mapping(wl_raw, "workload", top.lines.get("workload", 1),
                    {"prompt_tokens", "max_context", "requests_in_flight", "objective",
-                    "memory_safety", "runtime_overhead_mb", "stages"})
+                    "memory_safety", "runtime_overhead_mb", "stages", "max_batch"})
     d = Workload()
     workload = Workload(
         prompt_tokens=r.number(wm, "prompt_tokens", "workload", d.prompt_tokens, integer=True),
@@ -290,6 +291,7 @@ def load_profile(path: str | Path) -> Profile:
         runtime_overhead_mb=r.number(wm, "runtime_overhead_mb", "workload",
                                      d.runtime_overhead_mb, positive=False, minimum=0),
         stages=r.number(wm, "stages", "workload", 0, integer=True, positive=False) or None,
+        max_batch=r.number(wm, "max_batch", "workload", 0, integer=True, positive=False) or None,
     )
     if workload.stages is not None and not 1 <= workload.stages <= len(devices):
         raise r.fail(wm.lines.get("stages", wm.line), "workload.stages",

@@ -96,7 +96,10 @@ def test_split_pipeline_matches_unsplit_greedy(model, reference, target, tmp_pat
         assert r.tokens == reference.greedy(prompt, 24, EOS), f"prompt {r.index}"
         assert r.ttft_ms is not None and r.finished is not None
     decode_steps = sum(len(r.tokens) - 1 for r in results)
-    assert [s.decode_steps for s in stats] == [decode_steps] * stages
+    assert [s.decode_rows for s in stats] == [decode_steps] * stages
+    assert all(s.decode_steps <= s.decode_rows for s in stats)
+    if stages == 1:  # requests that wait together at the head run as one batch
+        assert stats[0].decode_steps < decode_steps
     assert all(s.prefill_steps == len(PROMPTS) for s in stats)
     head, tail = stats[0], stats[-1]
     if stages > 1:
@@ -359,8 +362,8 @@ def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, r
     tail_input = next(i for i in schema.open_build(build).manifest(tail).inputs if i.source == "stage")
     target.start(build, devices(build))
 
-    def tensors(rid, step, name=tail_input.name, dtype="float32", shape=(1, 1, 64), buf=None):
-        header = {"type": "tensors", "rid": rid, "step": step, "from": head,
+    def tensors(rid, step, name=tail_input.name, dtype="float32", shape=(1, 1, 64), buf=None, **fields):
+        header = {"type": "tensors", "rids": [rid], "steps": [step], "width": 0, "from": head, **fields,
                   "tensors": [{"name": name, "dtype": dtype, "shape": list(shape)}]}
         return [json.dumps(header).encode(), buf if buf is not None else np.zeros(shape, np.float32).tobytes()]
 
@@ -391,6 +394,11 @@ def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, r
         "tensor it does not take": (tail, tensors(17, 0, name="nope")),
         "unknown request id": (tail, tensors(18, 7)),
         "far-future step": (tail, tensors(19, 40)),
+        "a request twice in one batch": (tail, tensors(21, 1, rids=[19, 19], steps=[1, 1])),
+        "a batched prefill": (tail, tensors(22, 0, rids=[22, 23], steps=[0, 0])),
+        "a batch over max_batch": (tail, tensors(24, 1, rids=[24, 25, 26], steps=[1, 1, 1])),
+        "rids and steps differ in length": (tail, tensors(27, 1, rids=[27, 28], steps=[1])),
+        "width beyond the max context": (tail, tensors(29, 0, width=10**6)),
     }
     with Coordinator(build, health=target.health) as c:
         c.connect()

@@ -76,6 +76,7 @@ class WorkloadDoc:
     memory_safety: float
     runtime_overhead_mb: float
     stages: int | None = None
+    max_batch: int = 1  # decode steps one stage runs as one batch (1: batching off)
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,15 @@ class StageStats:
     prefill_ms: float
     prefill_steps: int
     decode_ms: float
-    decode_steps: int
+    decode_steps: int  # onnxruntime runs; a batched step counts once
     bytes_sent: dict[str, int]
     active: int
-    events: list = field(default_factory=list)  # (rid, step, start, end), device wall clock
+    events: list = field(default_factory=list)  # (rid, step, start, end, slot, rows), device wall clock
+    decode_rows: int = 0  # request steps in those runs
+
+    @property
+    def mean_batch(self) -> float | None:
+        return self.decode_rows / self.decode_steps if self.decode_steps else None
 
     @property
     def ms_per_decode_step(self) -> float | None:
@@ -262,7 +267,7 @@ class Coordinator:
         return [StageStats(name, got[name]["stage"], got[name]["compute_ms"]["prefill"],
                            got[name]["steps"]["prefill"], got[name]["compute_ms"]["decode"],
                            got[name]["steps"]["decode"], dict(got[name]["bytes_sent"]), got[name]["active"],
-                           list(got[name].get("events", [])))
+                           list(got[name].get("events", [])), got[name].get("rows", {}).get("decode", 0))
                 for name in self.build.devices]
 
     def stop_devices(self) -> None:

@@ -51,7 +51,7 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
 
 def _median_decode_ms(stage: StageStats, since: float) -> float | None:
     """Median ms of the decode steps (step >= 1) this run made: robust to a hiccup of the host."""
-    ms = sorted((end - start) * 1000 for _, step, start, end in stage.events if step >= 1 and start >= since)
+    ms = sorted((e[3] - e[2]) * 1000 for e in stage.events if e[1] >= 1 and e[2] >= since and e[4] == 0)
     return ms[len(ms) // 2] if ms else None
 
 
@@ -70,6 +70,7 @@ def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: flo
         "stages": [
             {"device": s.device, "stage": s.stage, "prefill_ms": s.prefill_ms, "prefill_steps": s.prefill_steps,
              "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step,
+             "decode_rows": s.decode_rows, "mean_batch": s.mean_batch,
              "ms_per_decode_step_median": _median_decode_ms(s, since)}
             for s in stages
         ],
@@ -91,7 +92,8 @@ def _print_summary(summary: dict) -> None:
          f"{ms(summary['ms_per_token_mean'])}/token")
     for s in summary["stages"]:
         echo(f"  stage {s['stage']} {s['device']}: decode {ms(s['ms_per_decode_step'])}/step "
-             f"({s['decode_steps']} steps), prefill {s['prefill_ms']:.1f} ms total")
+             f"({s['decode_steps']} steps, {s['mean_batch'] or 0:.1f} requests each), "
+             f"prefill {s['prefill_ms']:.1f} ms total")
     for hop, h in summary["hops"].items():
         per = "" if h["bytes_per_token"] is None else f" ({h['bytes_per_token']:.0f} B/token)"
         echo(f"  {hop}: {h['bytes']} B{per}")
@@ -163,8 +165,8 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         if timeline_path:
             from llc.runtime.timeline import render_timeline
 
-            events = {st.device: [{"rid": r, "step": k, "start": a, "end": b}
-                                  for r, k, a, b in st.events if a >= started]  # this run only
+            events = {st.device: [{"rid": e[0], "step": e[1], "start": e[2], "end": e[3], "slot": e[4],
+                                   "rows": e[5]} for e in st.events if e[2] >= started]  # this run only
                       for st in stage_stats}
             timeline_path.write_text(render_timeline(
                 events, [st.device for st in stage_stats],

@@ -6,6 +6,11 @@ sends exactly what its manifest's ``sends`` say, as packed frames that the
 receiving stage unpacks and checks. Only the transport differs from phones, so
 ``llc verify``, the benchmarks and the tests see what the devices would do,
 including a comm map that forgets or garbles a tensor.
+
+Scheduling is deterministic and drains the pipeline before the head starts new
+work, so requests sent together run their decode steps as one batch at every
+step (the most a device could ever batch): ``teacher_force_many`` is how
+``llc verify`` checks that batched rows equal the rows run alone.
 """
 
 from __future__ import annotations
@@ -31,12 +36,24 @@ class SplitRunError(LlcError):
 
 @dataclass
 class Trace:
-    """What every stage produced at every step of one request: step -> output name -> value."""
+    """What every stage produced at every step of one request: step -> output name -> value.
+
+    From a batch, a request's row of each output (a batch's presents keep their padding).
+    """
 
     steps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
+
+@dataclass
+class Recorder:
+    traces: dict[int, Trace] = field(default_factory=dict)  # rid -> its trace
+
     def record(self, job: Job, outputs: dict[str, np.ndarray]) -> None:
-        self.steps.setdefault(job.step, {}).update(outputs)
+        n = len(job.rows)
+        for i, (rid, step) in enumerate(job.rows):
+            if rid in self.traces:
+                self.traces[rid].steps.setdefault(step, {}).update(
+                    {k: v if n == 1 else v[i:i + 1] for k, v in outputs.items() if n == 1 or v.shape[:1] == (n,)})
 
 
 class SplitRunner:
@@ -60,7 +77,8 @@ class SplitRunner:
         self.next_rid = 1
 
     def _pump(self) -> None:
-        """Deliver messages and run ready steps until nothing moves."""
+        """Deliver messages and run ready steps until nothing moves: always the last stage that can."""
+        order = list(reversed(self.stages.values()))
         while True:
             while self.queue:
                 dest, frames = self.queue.popleft()
@@ -68,14 +86,14 @@ class SplitRunner:
                     self.inbox.append(protocol.unpack(frames))
                 else:
                     self.stages[dest].handle(frames)
-            ran = False
-            for stage in self.stages.values():
+            for stage in order:
                 job = stage.next_job()
                 if job is not None:
                     stage.complete(stage.run(job))
-                    ran = True
-            if not ran and not self.queue:
-                return
+                    break
+            else:
+                if not self.queue:
+                    return
 
     def _errors(self) -> None:
         errors = [m for m in self.inbox if m.type == ERROR]
@@ -85,12 +103,12 @@ class SplitRunner:
     def _stuck(self, rid: int) -> None:
         """A request that stopped moving: name the stage and the inputs it never got."""
         for name, stage in self.stages.items():
-            req = stage.requests.get(rid)
-            if req is not None and not req.busy:
-                missing = sorted(stage.awaited - set(req.inbox.get(req.step, {})))
-                if missing:
+            for unit in stage.units.values():
+                missing = sorted(stage.awaited - set(unit.tensors))
+                step = dict(unit.rows).get(rid)
+                if missing and step is not None:
                     raise SplitRunError(None, f"stage {stage.m.stage} ({name}) never received "
-                                              f"{', '.join(missing[:3])} for step {req.step}: the comm map "
+                                              f"{', '.join(missing[:3])} for step {step}: the comm map "
                                               f"does not deliver {'it' if len(missing) == 1 else 'them'}")
         raise SplitRunError(None, f"request {rid} stopped before its last token")
 
@@ -99,19 +117,30 @@ class SplitRunner:
 
         Returns every output of every stage at every step (0 = prefill).
         """
-        rid, self.next_rid = self.next_rid, self.next_rid + 1
-        trace = Trace()
+        return self.teacher_force_many([prompt], [continuation])[0]
+
+    def teacher_force_many(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[Trace]:
+        """Several requests at once: decode steps the head finds ready together run as one batch."""
+        rids = list(range(self.next_rid, self.next_rid + len(prompts)))
+        self.next_rid += len(prompts)
+        recorder = Recorder({rid: Trace() for rid in rids})
         for stage in self.stages.values():
-            stage.on_outputs = trace.record
-        self.head.forced[rid] = deque(continuation)
-        self.queue.append((self.head.name, protocol.pack(
-            REQUEST, rid=rid, prompt=list(prompt),
-            params=SamplingParams(max_new_tokens=len(continuation) + 1).to_dict())))
+            stage.on_outputs = recorder.record
+        for rid, prompt, continuation in zip(rids, prompts, continuations):
+            self.head.forced[rid] = deque(continuation)
+            self.queue.append((self.head.name, protocol.pack(
+                REQUEST, rid=rid, prompt=list(prompt),
+                params=SamplingParams(max_new_tokens=len(continuation) + 1).to_dict())))
         self._pump()
         self._errors()
-        if len(trace.steps) != len(continuation) + 1:
-            self._stuck(rid)
-        return trace
+        for rid, continuation in zip(rids, continuations):
+            if len(recorder.traces[rid].steps) != len(continuation) + 1:
+                self._stuck(rid)
+        return [recorder.traces[rid] for rid in rids]
+
+    def batched_steps(self) -> int:
+        """Decode runs at the head that held more than one request."""
+        return sum(1 for e in self.head.events if e[1] > 0 and e[4] == 1)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Every prompt at once through the pipeline; the tokens each one generated."""

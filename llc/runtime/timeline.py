@@ -15,7 +15,10 @@ PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b
 
 
 def render_timeline(events: dict[str, list[dict]], order: list[str], title: str = "") -> str:
-    """``events[device]`` = [{"rid", "step", "start", "end"}] with times in seconds."""
+    """``events[device]`` = [{"rid", "step", "start", "end", "slot", "rows"}] with times in seconds.
+
+    A batched step is one bar split in ``rows`` stripes, ``slot`` being the request's.
+    """
     all_ev = [e for dev in order for e in events.get(dev, [])]
     if not all_ev:
         return "<!doctype html><p>no events recorded</p>"
@@ -34,8 +37,10 @@ def render_timeline(events: dict[str, list[dict]], order: list[str], title: str 
             x = left + (e["start"] - t0) / span * (width - left)
             w = max((e["end"] - e["start"]) / span * (width - left), 0.5)
             kind = "prefill" if e["step"] == 0 else f"decode {e['step']}"
+            h = 24 / e.get("rows", 1)
             parts.append(
-                f'<rect x="{x:.2f}" y="{y}" width="{w:.2f}" height="24" fill="{colour[e["rid"]]}">'
+                f'<rect x="{x:.2f}" y="{y + h * e.get("slot", 0):.2f}" width="{w:.2f}" height="{h:.2f}" '
+                f'fill="{colour[e["rid"]]}">'
                 f'<title>request {number[e["rid"]]} {kind}: {(e["end"] - e["start"]) * 1e3:.2f} ms</title></rect>')
     height = 30 + len(order) * row + 30
     for i in range(11):  # time axis

@@ -90,6 +90,10 @@ class Emit:
         kv_of = {b.past: b for b in sig.kv}
         producer = {e.tensor: e.producer_stage for e in state.comm}
         vocab = vocab_size(state)
+        max_batch, padding = batching(state)
+        if max_batch == 1 and min(state.workload.max_batch or 2, state.workload.requests_in_flight) > 1:
+            state.notes.append("decode steps run one request at a time: the model has no position_ids input, "
+                               "or mixes GroupQueryAttention with other caches, or a fixed batch size")
         for s, seg in zip(plan.stages, state.segments):
             folder = root / "devices" / s.device
             (folder / device_package.PACKAGE).mkdir(parents=True)
@@ -141,6 +145,7 @@ class Emit:
                 logits=sig.logits if tail else None,
                 eos_token_ids=tuple(self.eos_token_ids) if tail else (),
                 head=devices[0] if tail and s.index else None,
+                max_batch=max_batch, batch_padding=padding,
             )
             schema.write_manifest(folder / "manifest.json", manifest.check(s.device))
 
@@ -174,6 +179,29 @@ def vocab_size(state: CompileState) -> int | None:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
+def batching(state: CompileState) -> tuple[int, str | None]:
+    """How many decode steps a stage may batch, and where shorter caches are padded.
+
+    Padding only works if nothing reads a row's length from where its tokens
+    sit: positions must be an input (each row gets its own), and the batch
+    axis must be free. GroupQueryAttention writes a row's new token after its
+    own ``seqlens_k``, so its caches are padded on the right; a Concat-grown
+    cache on the left, where the attention mask hides the padding.
+    """
+    wl, sig = state.workload, state.signature
+    want = min(wl.max_batch or wl.requests_in_flight, wl.requests_in_flight)
+    if want <= 1:
+        return 1, None
+    presents = {b.present for b in sig.kv}
+    ops = {node.op_type for node in state.model.graph.node if presents.intersection(node.output)}
+    batch_free = all(isinstance((state.tensors[b.past].shape or (1,))[0], str) for b in sig.kv)
+    if ops == {"GroupQueryAttention"} and batch_free:
+        return want, "right"
+    if "GroupQueryAttention" not in ops and "position_ids" in sig.input_roles.values() and batch_free:
+        return want, "left"
+    return 1, None
+
+
 def max_message_bytes(state: CompileState, inputs: tuple[str, ...]) -> int:
     """The largest message a stage should take: its inputs for a whole max-context prompt, with room.
 
@@ -201,7 +229,8 @@ def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
                               reference=str(state.reference) if state.reference else None),
         profile=str(state.profile.path),
         workload=schema.WorkloadDoc(wl.prompt_tokens, wl.max_context, wl.requests_in_flight, wl.objective,
-                                    wl.memory_safety, wl.runtime_overhead_mb, wl.stages),
+                                    wl.memory_safety, wl.runtime_overhead_mb, wl.stages,
+                                    batching(state)[0]),
         objective=plan.objective, split=plan.split,
         predicted=schema.Predicted(
             round(plan.decode_ms, 4), round(plan.prefill_ms, 4), round(plan.bottleneck_ms, 4),

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from . import document
 
-FORMAT = 2
+FORMAT = 3
 ROLES = ("input_ids", "attention_mask", "position_ids")
+PADDINGS = ("left", "right")
 SOURCES = ("graph", "kv", "stage")
 
 
@@ -99,6 +100,8 @@ class Manifest:
     logits: str | None = None  # tail: the output sampled from
     eos_token_ids: tuple[int, ...] = ()  # tail
     head: str | None = None  # tail (unless it is the head): the peer tokens go back to
+    max_batch: int = 1  # decode steps run as one batch (see stage.py)
+    batch_padding: str | None = None  # where a batch pads shorter caches: left (Concat) or right (GQA)
 
     @property
     def is_head(self) -> bool:
@@ -130,6 +133,8 @@ class Manifest:
         for s in self.sends:
             if s.to not in self.peers:
                 raise bad(f"sends to {s.to!r}, which is not among the peers")
+        if self.max_batch < 1 or (self.max_batch > 1 and self.batch_padding not in PADDINGS):
+            raise bad(f"max_batch {self.max_batch} needs a batch_padding of {', '.join(PADDINGS)}")
         if self.is_tail and self.logits is None:
             raise bad("the tail needs logits")
         if self.is_tail and not self.is_head and self.head not in self.peers:

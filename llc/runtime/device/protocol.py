@@ -39,13 +39,15 @@ FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     PING: {"t": (_NUM, False)},
     PONG: {"device": ((str,), True), "t": (_NUM + (type(None),), False), "active": ((int,), True)},
     STATS: {"device": ((str,), False), "stage": ((int,), False), "compute_ms": ((dict,), False),
-            "steps": ((dict,), False), "bytes_sent": ((dict,), False), "active": ((int,), False),
+            "steps": ((dict,), False), "rows": ((dict,), False), "bytes_sent": ((dict,), False), "active": ((int,), False),
             "events": ((list,), False)},
     STOP: {},
     # rid: request id; prompt: token ids; params: SamplingParams as a dict
     REQUEST: {"rid": ((int,), True), "prompt": ((list,), True), "params": ((dict,), True)},
-    # inputs of (rid, step) for a later stage; step-0 ones carry params so the tail learns them
-    TENSORS: {"rid": ((int,), True), "step": ((int,), True), "from": ((str,), True), "params": ((dict,), False)},
+    # inputs of one step of a batch for a later stage: row b is request rids[b] at steps[b]; width: the
+    # batch's padded past length; a prefill (one row, step 0) carries params so the tail learns them
+    TENSORS: {"rids": ((list,), True), "steps": ((list,), True), "width": ((int,), True), "from": ((str,), True),
+              "params": ((dict,), False)},
     # step k carries generated token k+1; done: EOS or max_new_tokens
     TOKEN: {"rid": ((int,), True), "step": ((int,), True), "token": ((int,), True), "done": ((bool,), True)},
     # free the request's state; forward: pass it on to the devices in this one's sends

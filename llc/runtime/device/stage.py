@@ -8,12 +8,27 @@ runner (``llc.runtime.splitrun``) wires it to in-process queues, so ``llc
 verify`` and the tests run the very code the devices run.
 
 What a stage keeps per request id: its sampling params, the next step, the KV
-cache (input name -> the present of the last step), and an inbox of tensors for
-the next step. The head builds the graph inputs (ids, mask, positions) from the
-prompt and then from each token the tail sends back; the tail samples. Limits
-keep a confused or hostile peer from growing this state: at most
-``max_requests`` (+ one per stage, for ends still on their way) requests, inputs
-at most one step ahead, and requests idle for ``IDLE_EXPIRY_S`` are freed.
+cache (input name -> the present of the last step) and how many tokens it holds.
+The head builds the graph inputs (ids, mask, positions) from the prompt and
+then from each token the tail sends back; the tail samples.
+
+Batched decode. When several requests wait for a decode step at the head, it
+runs them as one batch (up to the manifest's ``max_batch``): one onnxruntime
+call reads every weight once for all of them, which is what a decode step costs
+on a phone. Their caches differ in length, so the head pads them to the
+longest (``width``) and says which positions are padding in the attention mask:
+``left`` padding for caches a graph grows by Concat (the padding sits before
+each row's tokens), ``right`` for GroupQueryAttention, which writes each row's
+new token right after its own ``seqlens_k``. Positions stay each row's own. The
+batch then travels as one unit: every later stage gets the batch's rows and
+width with its tensors, pads its own caches the same way, runs the same rows,
+and keeps each row's cache without the padding. Each row's numbers are the ones
+it gets alone; only the float summation order may differ.
+
+Limits keep a confused or hostile peer from growing this state: at most
+``max_requests`` (+ one per stage, for ends still on their way) requests and as
+many waiting batches, inputs at most one step ahead, and requests idle for
+``IDLE_EXPIRY_S`` are freed.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ ENDED_KEPT = 1024  # ids of ended requests: late messages for them are dropped q
 MAX_STEPS_AHEAD = 1  # a step's inputs can only come once the step before it ran everywhere
 IDLE_EXPIRY_S = 300.0  # a request nobody moved for this long is freed (a coordinator that went away)
 
+Row = tuple[int, int]  # (request id, step) of one row of a batch
 Send = Callable[[str, list], None]
 
 
@@ -52,21 +68,42 @@ class Request:
     params: SamplingParams | None = None
     step: int = 0  # the next step to run
     kv: dict[str, np.ndarray] = field(default_factory=dict)  # input name -> cache so far
-    inbox: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> tensors
+    past: int = 0  # tokens in this device's cache (the head counts them whether or not it holds a cache)
     busy: bool = False
-    queued: bool = False
+    queued: bool = False  # head: waiting in the ready queue
     next_ids: list[int] | None = None  # head: the ids to feed at `step`
-    past: int = 0  # head: tokens already in the cache
     rng: np.random.Generator | None = None  # tail
     touched: float = 0.0  # monotonic time of the last message or step
 
 
 @dataclass
+class Unit:
+    """A later stage's inputs for one step of a batch, gathered from every stage that sends them."""
+
+    rows: tuple[Row, ...]
+    width: int  # the batch's padded past length (see the module docstring)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    queued: bool = False
+
+
+@dataclass
 class Job:
-    rid: int
-    step: int
+    """One onnxruntime run: one prefill, or the decode steps of ``rows`` as one batch."""
+
+    rows: tuple[Row, ...]
     feeds: dict[str, np.ndarray]
     built: dict[str, np.ndarray]  # graph inputs the head made (some are only sent on)
+    width: int = 0  # the batch's padded past length
+    pads: tuple[int, ...] = (0,)  # per row: padding positions in its cache
+    tokens: int = 0  # new tokens per row (the head knows; a later stage reads it off its presents)
+
+    @property
+    def rid(self) -> int:
+        return self.rows[0][0]
+
+    @property
+    def step(self) -> int:
+        return self.rows[0][1]
 
 
 @dataclass
@@ -112,11 +149,13 @@ class Stage:
         self.output_names = list(dict.fromkeys(want + sent))
         self.dtypes = {i.name: np.dtype(i.dtype) for i in m.inputs}
         self.requests: dict[int, Request] = {}
+        self.units: dict[tuple[Row, ...], Unit] = {}  # not the head: batches whose inputs are arriving
         self.ended: deque[int] = deque(maxlen=ENDED_KEPT)
-        self.ready: deque[int] = deque()
+        self.ready: deque = deque()  # the head: request ids; a later stage: unit keys
         self.compute_ms = {"prefill": 0.0, "decode": 0.0}
-        self.steps = {"prefill": 0, "decode": 0}
-        self.events: deque = deque(maxlen=EVENTS_KEPT)  # (rid, step, start, end), wall clock
+        self.steps = {"prefill": 0, "decode": 0}  # onnxruntime runs
+        self.rows = {"prefill": 0, "decode": 0}  # request steps in them (more than runs when batched)
+        self.events: deque = deque(maxlen=EVENTS_KEPT)  # (rid, step, start, end, slot, rows), wall clock
         self.bytes_sent: dict[str, int] = {}
         self.stopping = False
         self.on_outputs: Callable[[Job, dict], None] | None = None  # the split runner looks at every step
@@ -153,8 +192,8 @@ class Stage:
             return protocol.pack(PONG, device=self.name, t=msg.get("t"), active=len(self.requests))
         if msg.type == STATS:
             return protocol.pack(STATS, device=self.name, stage=m.stage, compute_ms=self.compute_ms,
-                                 steps=self.steps, bytes_sent=self.bytes_sent, active=len(self.requests),
-                                 events=[list(e) for e in self.events])
+                                 steps=self.steps, rows=self.rows, bytes_sent=self.bytes_sent,
+                                 active=len(self.requests), events=[list(e) for e in self.events])
         if msg.type == STOP:
             self.stopping = True
         elif msg.type == REQUEST:
@@ -188,26 +227,53 @@ class Stage:
         req = self._new_request(rid, step=0)
         req.params = params
         req.next_ids = list(prompt)
-        self._check_ready(req)
+        self._queue_head(req)
 
     def _on_tensors(self, msg: Message) -> None:
-        rid, step = msg["rid"], msg["step"]
-        if rid in self.ended:
-            return  # the request ended (or was cancelled) while these were on their way
+        rows = self._rows(msg)
         params = SamplingParams.parse(msg["params"]) if "params" in msg.fields else None
-        req = self.requests.get(rid) or self._new_request(rid, step)
-        req.params = req.params or params
-        if not req.step <= step <= req.step + MAX_STEPS_AHEAD:
-            raise RequestError(f"tensors for step {step} while the request is at step {req.step}")
+        if params is not None and len(rows) != 1:
+            raise protocol.ProtocolError("params come with a prefill, which is one request")
         unknown = set(msg.tensors) - self.awaited
         if unknown:
             raise RequestError(f"tensors this stage does not take: {sorted(unknown)[:3]}")
         for name, a in msg.tensors.items():
             if a.dtype != self.dtypes[name]:
                 raise RequestError(f"input {name}: got {a.dtype.name}, the segment takes {self.dtypes[name].name}")
-        req.inbox.setdefault(step, {}).update(msg.tensors)
-        req.touched = self.clock()
-        self._check_ready(req)
+        live = [(rid, step) for rid, step in rows if rid not in self.ended]
+        if not live:
+            return  # every request ended (or was cancelled) while these were on their way
+        unit = self.units.get(rows)
+        if unit is None:
+            if len(self.units) >= self.m.max_requests + self.m.num_stages:
+                raise RequestError(f"more than {self.m.max_requests} steps waiting for their inputs")
+            for rid, step in live:
+                req = self.requests.get(rid) or self._new_request(rid, step)
+                if not req.step <= step <= req.step + MAX_STEPS_AHEAD:
+                    raise RequestError(f"tensors for step {step} while request {rid} is at step {req.step}")
+            unit = self.units[rows] = Unit(rows, msg["width"])
+        elif unit.width != msg["width"]:
+            raise RequestError(f"width {msg['width']} for a batch sent with width {unit.width}")
+        for rid, _ in live:
+            req = self.requests[rid]
+            req.params = req.params or params
+            req.touched = self.clock()
+        unit.tensors.update(msg.tensors)
+        self._queue_units()
+
+    def _rows(self, msg: Message) -> tuple[Row, ...]:
+        """The (rid, step) rows a tensors message is for, checked."""
+        rids, steps, width = msg["rids"], msg["steps"], msg["width"]
+        ints = all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in rids + steps)
+        if not ints or len(rids) != len(steps) or not 1 <= len(rids) <= self.m.max_batch:
+            raise protocol.ProtocolError(f"rids and steps must be 1..{self.m.max_batch} request ids and steps")
+        if len(set(rids)) != len(rids):
+            raise protocol.ProtocolError("a request twice in one batch")
+        if len(rids) > 1 and 0 in steps:
+            raise protocol.ProtocolError("a prefill is never batched")
+        if width < 0 or width > self.m.max_context:
+            raise protocol.ProtocolError(f"width {width} outside 0..{self.m.max_context}")
+        return tuple(zip(rids, steps))
 
     def _on_token(self, rid: int, token: int, done: bool) -> None:
         """Head: the tail's sampled token is the next step's input, unless the request is done."""
@@ -224,7 +290,7 @@ class Stage:
             raise RequestError(f"token {token} outside the vocabulary")
         req.next_ids = [token]
         req.touched = self.clock()
-        self._check_ready(req)
+        self._queue_head(req)
 
     def _new_request(self, rid: int, step: int) -> Request:
         if step != 0:
@@ -254,53 +320,107 @@ class Stage:
         old = [r.rid for r in self.requests.values() if not r.busy and now - r.touched > IDLE_EXPIRY_S]
         for rid in old:
             self._drop(rid)
+        self._queue_units()
         return old
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def _check_ready(self, req: Request) -> None:
-        if req.busy or req.queued:
-            return
-        if self.m.is_head and req.next_ids is None:
-            return
-        if not self.awaited <= req.inbox.get(req.step, {}).keys():
-            return
-        req.queued = True
-        self.ready.append(req.rid)
+    def _queue_head(self, req: Request) -> None:
+        if not (req.busy or req.queued or req.next_ids is None):
+            req.queued = True
+            self.ready.append(req.rid)
+
+    def _queue_units(self) -> None:
+        """Queue every batch whose inputs are all here and whose live requests are at its step."""
+        for key, unit in list(self.units.items()):
+            if unit.queued:
+                continue
+            live = [(self.requests.get(rid), step) for rid, step in unit.rows]
+            if all(r is None for r, _ in live):
+                del self.units[key]  # every request of it ended
+            elif self.awaited <= unit.tensors.keys() and all(
+                    r is None or (not r.busy and r.step == step) for r, step in live):
+                unit.queued = True
+                self.ready.append(key)
 
     def next_job(self) -> Job | None:
-        """The oldest ready (rid, step), its inputs gathered; None when nothing is ready."""
+        """The oldest ready step (with the other ready decode steps, at the head), inputs gathered."""
         while self.ready:
-            req = self.requests.get(self.ready.popleft())
-            if req is None:
-                continue
-            req.queued = False
-            req.busy = True
-            return self._job(req)
+            job = self._head_job(self.ready.popleft()) if self.m.is_head else self._unit_job(self.ready.popleft())
+            if job is not None:
+                return job
         return None
 
-    def _job(self, req: Request) -> Job:
-        feeds = dict(req.inbox.pop(req.step, {}))
-        built: dict[str, np.ndarray] = {}
-        if self.m.is_head:
-            ids, req.next_ids = req.next_ids or [], None
-            n = len(ids)
-            for name, role, dtype in self.graph_inputs:
-                if role == "input_ids":
-                    built[name] = np.array([ids], dtype=dtype)
-                elif role == "attention_mask":
-                    built[name] = np.ones((1, req.past + n), dtype=dtype)
+    def _head_job(self, rid: int) -> Job | None:
+        req = self.requests.get(rid)
+        if req is None:
+            return None
+        batch = [req]
+        if req.step > 0 and self.m.max_batch > 1:  # decode: take every other ready decode step along
+            rest = deque()
+            for other in self.ready:
+                r = self.requests.get(other)
+                if r is not None and r.step > 0 and len(batch) < self.m.max_batch:
+                    batch.append(r)
                 else:
-                    built[name] = np.arange(req.past, req.past + n, dtype=dtype)[None, :]
-            req.past += n
+                    rest.append(other)
+            self.ready = rest
+        width = max(r.past for r in batch)
+        built: dict[str, np.ndarray] = {}
+        ids = [r.next_ids or [] for r in batch]
+        n = len(ids[0])
+        for name, role, dtype in self.graph_inputs:
+            if role == "input_ids":
+                built[name] = np.array(ids, dtype=dtype)
+            elif role == "attention_mask":
+                built[name] = np.stack([mask_row(r.past, width, n, dtype, self.m.batch_padding == "right")
+                                        for r in batch])
+            else:
+                built[name] = np.stack([np.arange(r.past, r.past + n, dtype=dtype) for r in batch])
+        for r in batch:
+            r.queued, r.busy, r.next_ids = False, True, None
+        job = Job(tuple((r.rid, r.step) for r in batch), {}, built, width, tuple(width - r.past for r in batch), n)
+        job.feeds.update(self._kv_feeds(batch, job))
         for i in self.m.inputs:
-            if i.source == "kv":
-                feeds[i.name] = req.kv[i.name] if req.step > 0 else empty_cache(i)
-            elif i.source == "graph":
-                feeds[i.name] = built[i.name]
-        extra = set(feeds) - set(self.dtypes)
-        return Job(req.rid, req.step, {k: v for k, v in feeds.items() if k not in extra},
-                   {**built, **{k: feeds[k] for k in extra}})
+            if i.source == "graph":
+                job.feeds[i.name] = built[i.name]
+        return job
+
+    def _unit_job(self, key: tuple[Row, ...]) -> Job | None:
+        """A later stage's batch as it came: a row whose request ended meanwhile runs on an empty
+        cache and is thrown away (rows never mix), so every stage runs the same rows."""
+        unit = self.units.pop(key, None)
+        if unit is None:
+            return None
+        batch = [self.requests.get(rid) for rid, _ in unit.rows]
+        if all(r is None for r in batch):
+            return None
+        pads = tuple(unit.width - (r.past if r else 0) for r in batch)
+        if self.kv_inputs and min(pads) < 0:
+            for r in batch:
+                if r is not None:
+                    self._drop(r.rid)
+            self._error(f"a batch of width {unit.width} is shorter than a cache it pads; dropped its requests")
+            return None
+        for r in batch:
+            if r is not None:
+                r.busy = True
+        job = Job(unit.rows, dict(unit.tensors), {}, unit.width, pads)
+        job.feeds.update(self._kv_feeds(batch, job))
+        return job
+
+    def _kv_feeds(self, batch: list[Request | None], job: Job) -> dict[str, np.ndarray]:
+        """Each KV input: the requests' caches, padded to the batch's width and stacked."""
+        feeds = {}
+        for i in self.kv_inputs:
+            if job.step == 0:
+                feeds[i.name] = empty_cache(i)
+            elif len(batch) == 1 and job.pads == (0,):
+                feeds[i.name] = batch[0].kv[i.name]
+            else:
+                feeds[i.name] = pad_stack([r.kv[i.name] if r else empty_cache(i) for r in batch], i.seq_axis,
+                                          job.width, job.pads, self.m.batch_padding == "right")
+        return feeds
 
     def run(self, job: Job) -> StepResult:
         """Run the segment (onnxruntime releases the GIL: safe in a worker thread)."""
@@ -313,15 +433,18 @@ class Stage:
         return StepResult(job, outputs, error, (time.perf_counter() - t0) * 1000.0)
 
     def complete(self, result: StepResult) -> None:
-        """Keep the caches, send the outputs later stages need, sample on the tail."""
+        """Keep each row's cache, send the outputs later stages need, sample on the tail."""
         job = result.job
-        req = self.requests.get(job.rid)
-        if req is None:
-            return  # ended or cancelled while it ran
-        req.busy = False
+        rows = [(i, self.requests.get(rid)) for i, (rid, _) in enumerate(job.rows)]
+        for _, req in rows:
+            if req is not None:
+                req.busy = False
+        rows = [(i, req) for i, req in rows if req is not None]  # ended or cancelled while it ran: gone
         if result.error is not None:
-            self._error(result.error, job.rid)
-            self._drop(job.rid)
+            for _, req in rows:
+                self._error(result.error, req.rid)
+                self._drop(req.rid)
+            self._queue_units()
             return
         outputs = result.outputs
         if self.on_outputs is not None:
@@ -329,27 +452,39 @@ class Stage:
         kind = "prefill" if job.step == 0 else "decode"
         self.compute_ms[kind] += result.ms
         self.steps[kind] += 1
+        self.rows[kind] += len(job.rows)
         end = time.time()
-        self.events.append((job.rid, job.step, end - result.ms / 1000.0, end))
-        for i in self.kv_inputs:
-            req.kv[i.name] = outputs[i.present]
+        for slot, (rid, step) in enumerate(job.rows):
+            self.events.append((rid, step, end - result.ms / 1000.0, end, slot, len(job.rows)))
+        right = self.m.batch_padding == "right"
+        for i, req in rows:
+            for k in self.kv_inputs:
+                present = outputs[k.present]
+                req.kv[k.name] = present if len(job.rows) == 1 and job.pads == (0,) else \
+                    unpad(present, i, k.seq_axis, job.pads[i], right)
+            req.past += job.tokens or (present_tokens(job, outputs, self.kv_inputs) if self.kv_inputs else 0)
         produced = {**job.feeds, **job.built, **outputs}
-        extra = {"params": req.params.to_dict()} if job.step == 0 and req.params is not None else {}
+        first = rows[0][1] if rows else None
+        extra = {"params": first.params.to_dict()} if job.step == 0 and first and first.params else {}
         for s in self.m.sends:
-            self._send(s.to, protocol.pack(TENSORS, [(t, produced[t]) for t in s.tensors], rid=job.rid,
-                                           step=job.step, **{"from": self.name}, **extra))
-        req.step += 1
-        req.touched = self.clock()
-        if self.m.is_tail:
-            self._sample(req, outputs[self.m.logits], job.step)
-        if job.rid in self.requests:
-            self._check_ready(req)
+            self._send(s.to, protocol.pack(TENSORS, [(t, produced[t]) for t in s.tensors],
+                                           rids=[r for r, _ in job.rows], steps=[k for _, k in job.rows],
+                                           width=job.width, **{"from": self.name}, **extra))
+        for i, req in rows:
+            req.step += 1
+            req.touched = self.clock()
+            if self.m.is_tail:
+                self._sample(req, outputs[self.m.logits][i], job.rows[i][1])
+            if self.m.is_head and req.rid in self.requests:
+                self._queue_head(req)
+        if not self.m.is_head:
+            self._queue_units()
 
     def _sample(self, req: Request, logits: np.ndarray, step: int) -> None:
         params = req.params or SamplingParams()
         if req.rng is None:
             req.rng = np.random.default_rng(params.seed)
-        token = sample(logits[0, -1], params, req.rng)
+        token = sample(logits[-1], params, req.rng)
         done = token in self.m.eos_token_ids or step + 1 >= params.max_new_tokens  # step k yields token k+1
         msg = protocol.pack(TOKEN, rid=req.rid, step=step, token=token, done=done)
         if self.m.is_head:
@@ -374,3 +509,45 @@ def empty_cache(i: Input) -> np.ndarray:
     """Zeros of the empty-cache shape; symbolic dims other than the sequence are 1 (batch)."""
     shape = [0 if a == i.seq_axis else (d if isinstance(d, int) else 1) for a, d in enumerate(i.shape)]
     return np.zeros(shape, dtype=np.dtype(i.dtype))
+
+
+def mask_row(past: int, width: int, n: int, dtype: np.dtype, right: bool) -> np.ndarray:
+    """One row of a batch's attention mask: ones on its own tokens, zeros on the padding."""
+    mask = np.ones(width + n, dtype=dtype)
+    if width > past:
+        if right:
+            mask[past + n:] = 0
+        else:
+            mask[:width - past] = 0
+    return mask
+
+
+def pad_stack(caches: list[np.ndarray], axis: int, width: int, pads: tuple[int, ...], right: bool) -> np.ndarray:
+    """Caches of one row each ([1, ..., past_i, ...]) as one [B, ..., width, ...] batch, zero-padded.
+
+    The padding's values never count: the attention mask (or seqlens_k) hides them.
+    """
+    first = caches[0]
+    shape = list(first.shape)
+    shape[0], shape[axis] = len(caches), width
+    out = np.zeros(shape, dtype=first.dtype)
+    for b, (c, pad) in enumerate(zip(caches, pads)):
+        index = [b] + [slice(None)] * (first.ndim - 1)
+        past = width - pad
+        index[axis] = slice(0, past) if right else slice(pad, width)
+        out[tuple(index)] = c[0]
+    return out
+
+
+def unpad(present: np.ndarray, row: int, axis: int, pad: int, right: bool) -> np.ndarray:
+    """Row ``row`` of a batch's present, without its padding (a view: no copy)."""
+    index = [slice(row, row + 1)] + [slice(None)] * (present.ndim - 1)
+    length = present.shape[axis]
+    index[axis] = slice(0, length - pad) if right else slice(pad, length)
+    return present[tuple(index)]
+
+
+def present_tokens(job: Job, outputs: dict[str, np.ndarray], kv_inputs: list[Input]) -> int:
+    """Tokens a step added to each row's cache: the present's length less the batch's width."""
+    k = kv_inputs[0]
+    return outputs[k.present].shape[k.seq_axis] - job.width
