@@ -97,8 +97,9 @@ print(json.dumps(times[len(times) // 2] * 1000))
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def llc_ms(build: Path, prompt: list[int], n: int) -> tuple[float, float]:
-    """(ms/token a user sees, summed launcher ms per decode step) of a build on local processes."""
+def llc_ms(build: Path, prompt: list[int], n: int) -> tuple[float, float, list[tuple[float, float]]]:
+    """(ms/token a user sees, summed launcher ms per decode step, [(peak RSS MB, planned MB)] per stage)
+    of a build on local processes."""
     target = LocalTarget(ready_timeout=60)
     target.start(build, schema.open_build(build).devices)
     try:
@@ -108,7 +109,9 @@ def llc_ms(build: Path, prompt: list[int], n: int) -> tuple[float, float]:
             stats = c.stats()
     finally:
         target.stop()
-    return r.ms_per_token, sum(s.ms_per_decode_step for s in stats)
+    planned = {s.device: s.memory_bytes for s in schema.read(build, schema.PLAN).stages}
+    memory = [(s.peak_rss_bytes / 1e6, planned[s.device] / 1e6) for s in stats]
+    return r.ms_per_token, sum(s.ms_per_decode_step for s in stats), memory
 
 
 def bundle_bytes(build: Path) -> int:
@@ -151,8 +154,11 @@ def main() -> None:
                 if "genai" in name:
                     row.setdefault("genai", []).append(genai_ms(args.genai, prompt, args.new_tokens))
                 for label, build in (("llc 1 stage", one), ("llc 3 stages", three)):
-                    user, steps = llc_ms(build, prompt, args.new_tokens)
+                    user, steps, memory = llc_ms(build, prompt, args.new_tokens)
                     row.setdefault(label, []).append(user)
+                    for i, (rss, planned) in enumerate(memory):
+                        row.setdefault(f"{label}: stage {i} peak RSS MB", []).append(rss)
+                        row[f"{label}: stage {i} planned MB"] = [planned]
                     row.setdefault(label + " (device steps)", []).append(steps)
                 row["bundle MB"] = [bundle_bytes(one) / 1e6]
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rows.items()}
@@ -165,6 +171,12 @@ def main() -> None:
         vs_genai = f"{m['llc 1 stage'] / m['genai']:>11.2f}" if "genai" in m else f"{'-':>11}"
         print(f"{name:<34}{cells}{vs_genai}{m['llc 3 stages'] / m['unsplit']:>11.2f}{m['bundle MB']:>8.0f}"
               f"{m['bundle MB'] / fp32_mb:>8.2f}")
+    print("\nresident memory per stage: the launcher's peak RSS against the plan's memory (MB)")
+    for name, m in med.items():
+        for key in sorted(k for k in m if k.endswith("peak RSS MB")):
+            planned = m[key.replace("peak RSS MB", "planned MB")]
+            print(f"{name:<34}{key.replace(' peak RSS MB', ''):<26}{m[key]:>8.0f} measured {planned:>8.0f} planned"
+                  f"{m[key] / planned:>8.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"new_tokens": args.new_tokens, "reps": args.reps, "rows": rows,
                                      "medians": med}, indent=1) + "\n")

@@ -74,6 +74,8 @@ class StageStats:
     active: int
     events: list = field(default_factory=list)  # (rid, step, start, end, slot, rows), device wall clock
     decode_rows: int = 0  # request steps in those runs
+    rss_bytes: int = 0  # the device process's resident memory now, and its peak
+    peak_rss_bytes: int = 0
 
     @property
     def mean_batch(self) -> float | None:
@@ -267,7 +269,8 @@ class Coordinator:
         return [StageStats(name, got[name]["stage"], got[name]["compute_ms"]["prefill"],
                            got[name]["steps"]["prefill"], got[name]["compute_ms"]["decode"],
                            got[name]["steps"]["decode"], dict(got[name]["bytes_sent"]), got[name]["active"],
-                           list(got[name].get("events", [])), got[name].get("rows", {}).get("decode", 0))
+                           list(got[name].get("events", [])), got[name].get("rows", {}).get("decode", 0),
+                           got[name].get("rss_bytes", 0), got[name].get("peak_rss_bytes", 0))
                 for name in self.build.devices]
 
     def stop_devices(self) -> None:

@@ -22,6 +22,8 @@ from llc.runtime.coordinator import Coordinator, RequestResult, StageStats, Text
 from llc.runtime.device.sampling import SamplingParams
 from llc.targets.base import Target, make_target
 
+MIB = 1 << 20
+
 
 def check_requests(build: schema.Build, head: schema.Manifest, prompts: list[list[int]], max_new_tokens: int,
                    concurrency: int) -> None:
@@ -55,8 +57,15 @@ def _median_decode_ms(stage: StageStats, since: float) -> float | None:
     return ms[len(ms) // 2] if ms else None
 
 
-def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: float, since: float) -> dict:
-    """Timings in one dict: printed as text, written as JSON (``since``: the run's start, device clock)."""
+def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: float, since: float,
+             plan: schema.PlanDoc | None = None) -> dict:
+    """Timings in one dict: printed as text, written as JSON (``since``: the run's start, device clock).
+
+    Each stage carries the plan's prediction next to what its device measured
+    (compute ms per decode step, resident memory), so anyone can check the
+    cost model on their own devices.
+    """
+    planned = {s.device: s for s in plan.stages} if plan else {}
     tokens = sum(len(r.tokens) for r in results)
     ttft = [r.ttft_ms for r in results if r.ttft_ms is not None]
     mspt = [r.ms_per_token for r in results if r.ms_per_token is not None]
@@ -71,7 +80,10 @@ def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: flo
             {"device": s.device, "stage": s.stage, "prefill_ms": s.prefill_ms, "prefill_steps": s.prefill_steps,
              "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step,
              "decode_rows": s.decode_rows, "mean_batch": s.mean_batch,
-             "ms_per_decode_step_median": _median_decode_ms(s, since)}
+             "ms_per_decode_step_median": _median_decode_ms(s, since),
+             "predicted_ms_per_decode_step": planned[s.device].compute_ms_decode if s.device in planned else None,
+             "rss_mb": s.rss_bytes / MIB, "peak_rss_mb": s.peak_rss_bytes / MIB,
+             "predicted_memory_mb": planned[s.device].memory_bytes / MIB if s.device in planned else None}
             for s in stages
         ],
         # Everything sent on a hop (prefill included), also per generated token.
@@ -91,9 +103,11 @@ def _print_summary(summary: dict) -> None:
          f"({summary['tokens_per_s'] or 0:.1f} tok/s); time to first token {ms(summary['ttft_ms_mean'])}, "
          f"{ms(summary['ms_per_token_mean'])}/token")
     for s in summary["stages"]:
-        echo(f"  stage {s['stage']} {s['device']}: decode {ms(s['ms_per_decode_step'])}/step "
-             f"({s['decode_steps']} steps, {s['mean_batch'] or 0:.1f} requests each), "
-             f"prefill {s['prefill_ms']:.1f} ms total")
+        predicted = s["predicted_ms_per_decode_step"]
+        echo(f"  stage {s['stage']} {s['device']}: decode {ms(s['ms_per_decode_step_median'])}/step "
+             f"(predicted {ms(predicted)}; {s['decode_steps']} steps, {s['mean_batch'] or 0:.1f} requests each), "
+             f"prefill {s['prefill_ms']:.1f} ms total, memory {s['peak_rss_mb']:.0f} MB peak "
+             f"(planned {s['predicted_memory_mb'] or 0:.0f} MB)")
     for hop, h in summary["hops"].items():
         per = "" if h["bytes_per_token"] is None else f" ({h['bytes_per_token']:.0f} B/token)"
         echo(f"  {hop}: {h['bytes']} B{per}")
@@ -161,7 +175,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         for r in results:
             r.text = tok.decode(r.tokens, skip_special_tokens=True)
         stage_stats = coord.stats()
-        summary = _summary(results, stage_stats, wall, started)
+        summary = _summary(results, stage_stats, wall, started, schema.read(build_dir, schema.PLAN))
         if timeline_path:
             from llc.runtime.timeline import render_timeline
 

@@ -117,7 +117,8 @@ class Device:
         parent = os.getppid() if os.environ.get("LLC_WATCH_PARENT") == "1" else None
         next_expiry = time.monotonic() + EXPIRE_EVERY_S
         while self.running:
-            for sock, _ in poller.poll(0 if self.stage.ready and not self.worker_busy else 200):
+            busy = self.worker_busy or self.stage.waiting
+            for sock, _ in poller.poll(0 if self.stage.ready and not busy else 200):
                 if sock is self.wake_rx:
                     while self.wake_rx.poll(0):
                         self.wake_rx.recv()

@@ -40,6 +40,7 @@ FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     PONG: {"device": ((str,), True), "t": (_NUM + (type(None),), False), "active": ((int,), True)},
     STATS: {"device": ((str,), False), "stage": ((int,), False), "compute_ms": ((dict,), False),
             "steps": ((dict,), False), "rows": ((dict,), False), "bytes_sent": ((dict,), False), "active": ((int,), False),
+            "rss_bytes": ((int,), False), "peak_rss_bytes": ((int,), False),
             "events": ((list,), False)},
     STOP: {},
     # rid: request id; prompt: token ids; params: SamplingParams as a dict

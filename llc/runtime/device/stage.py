@@ -152,6 +152,7 @@ class Stage:
         self.units: dict[tuple[Row, ...], Unit] = {}  # not the head: batches whose inputs are arriving
         self.ended: deque[int] = deque(maxlen=ENDED_KEPT)
         self.ready: deque = deque()  # the head: request ids; a later stage: unit keys
+        self.waiting = False  # the head holds ready decode steps back for the rest of their group
         self.compute_ms = {"prefill": 0.0, "decode": 0.0}
         self.steps = {"prefill": 0, "decode": 0}  # onnxruntime runs
         self.rows = {"prefill": 0, "decode": 0}  # request steps in them (more than runs when batched)
@@ -191,9 +192,11 @@ class Stage:
         if msg.type == PING:
             return protocol.pack(PONG, device=self.name, t=msg.get("t"), active=len(self.requests))
         if msg.type == STATS:
+            rss, peak = memory_bytes()
             return protocol.pack(STATS, device=self.name, stage=m.stage, compute_ms=self.compute_ms,
                                  steps=self.steps, rows=self.rows, bytes_sent=self.bytes_sent,
-                                 active=len(self.requests), events=[list(e) for e in self.events])
+                                 active=len(self.requests), events=[list(e) for e in self.events],
+                                 rss_bytes=rss, peak_rss_bytes=peak)
         if msg.type == STOP:
             self.stopping = True
         elif msg.type == REQUEST:
@@ -344,27 +347,42 @@ class Stage:
                 self.ready.append(key)
 
     def next_job(self) -> Job | None:
-        """The oldest ready step (with the other ready decode steps, at the head), inputs gathered."""
+        """The next step to run, inputs gathered; None when nothing is ready (or the head waits)."""
+        if self.m.is_head:
+            return self._head_job()
         while self.ready:
-            job = self._head_job(self.ready.popleft()) if self.m.is_head else self._unit_job(self.ready.popleft())
+            job = self._unit_job(self.ready.popleft())
             if job is not None:
                 return job
         return None
 
-    def _head_job(self, rid: int) -> Job | None:
-        req = self.requests.get(rid)
-        if req is None:
+    def _head_job(self) -> Job | None:
+        """The oldest ready step: a prefill alone, or a batch of the ready decode steps.
+
+        Requests in flight form groups that travel the pipeline together. A
+        group of ceil(decoding / stages) requests keeps every stage busy and
+        still batches, so decode steps wait for that many of them to be ready
+        while tokens of the others are on their way back (never for longer:
+        if none are, whatever is ready runs). A prefill never waits.
+        """
+        ready = [self.requests[rid] for rid in self.ready if rid in self.requests]
+        self.waiting = False
+        if not ready:
+            self.ready.clear()
             return None
-        batch = [req]
-        if req.step > 0 and self.m.max_batch > 1:  # decode: take every other ready decode step along
-            rest = deque()
-            for other in self.ready:
-                r = self.requests.get(other)
-                if r is not None and r.step > 0 and len(batch) < self.m.max_batch:
-                    batch.append(r)
-                else:
-                    rest.append(other)
-            self.ready = rest
+        decodes = [r for r in ready if r.step > 0]
+        coming = sum(1 for r in self.requests.values() if r.step > 0 and not r.queued and not r.busy)
+        group = -(-(len(decodes) + coming) // self.m.num_stages)
+        if ready[0].step == 0 or (len(decodes) < min(group, self.m.max_batch) and coming):
+            prefills = [r for r in ready if r.step == 0]
+            if not prefills:
+                self.waiting = True
+                return None
+            batch = prefills[:1]
+        else:
+            batch = decodes[:self.m.max_batch]
+        taken = {r.rid for r in batch}
+        self.ready = deque(r.rid for r in ready if r.rid not in taken)
         width = max(r.past for r in batch)
         built: dict[str, np.ndarray] = {}
         ids = [r.next_ids or [] for r in batch]
@@ -503,6 +521,16 @@ class Stage:
 
     def _error(self, message: str, rid: int | None = None) -> None:
         self._send(COORDINATOR, protocol.pack(ERROR, device=self.name, rid=rid, message=message[:2000]))
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(resident now, peak) of this process from /proc (Linux, Android); (0, 0) where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return 0, 0
 
 
 def empty_cache(i: Input) -> np.ndarray:
