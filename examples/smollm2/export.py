@@ -358,7 +358,10 @@ def build_with_genai(model, tok, out: Path, precision: str) -> None:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out),
-                               "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+                               "-p", precision, "-e", "cpu",
+                               # 0.18's shared embeddings (its default for a tied model) feed the fp32 LM-head
+                               # weight to GatherBlockQuantized as packed int4: onnxruntime refuses the model
+                               "--extra_options", "shared_embeddings=false"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"onnxruntime-genai's builder failed:\n{proc.stderr[-3000:]}")
     tok.backend_tokenizer.save(str(out / "tokenizer.json"))  # the builder wrote its own copy; keep ours

@@ -43,6 +43,10 @@ class CostTables:
     safety: float
     objective: str
     stages: int | None = None  # exactly this many stages, when set
+    # [block] initializers -> bytes, and KV bytes for every request: what a stage of several blocks
+    # holds (a constant shared by blocks, like GroupQueryAttention's rotary tables, is held once)
+    weights: tuple[dict[str, int], ...] = ()
+    kv_mem: tuple[int, ...] = ()
 
     def hop(self, a: int, b: int, nbytes: float) -> float:
         if a == b:
@@ -73,6 +77,8 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
         safety=workload.memory_safety,
         objective=workload.objective,
         stages=workload.stages,
+        weights=tuple(b.weights for b in blocks),
+        kv_mem=tuple(b.kv_bytes * workload.requests_in_flight for b in blocks),
     )
 
 
@@ -89,11 +95,12 @@ class SplitCost:
     compute_prefill: tuple[float, ...]
     hop_decode: tuple[float, ...]  # hop k: stage k -> k+1; the last: tail -> head
     hop_prefill: tuple[float, ...]
-    need_bytes: tuple[float, ...]  # resident + workspace + runtime overhead, before safety
+    need_bytes: tuple[float, ...]  # what the stage holds: weights + KV + workspace + runtime overhead
     decode_ms: float
     prefill_ms: float
     bottleneck_ms: float
     feasible: bool
+    fits: tuple[bool, ...] = ()  # [stage] within its device's memory, as the MIP counts it
 
     def objective(self, kind: str) -> float:
         if kind == "throughput":
@@ -102,15 +109,17 @@ class SplitCost:
 
 
 def evaluate(t: CostTables, split: Split) -> SplitCost:
-    cd, cp, hd, hp, need = [], [], [], [], []
-    feasible = True
+    cd, cp, hd, hp, need, fits = [], [], [], [], [], []
     st = split.stages
     for k, (d, first, last) in enumerate(st):
         blocks = range(first, last + 1)
         cd.append(sum(t.t_decode[b][d] for b in blocks))
         cp.append(sum(t.t_prefill[b][d] for b in blocks))
         resident = sum(t.mem[b] for b in blocks) + max(t.workspace[b] for b in blocks)
-        feasible &= resident <= t.capacity[d] + 1e-6
+        fits.append(resident <= t.capacity[d] + 1e-6)  # per block, as the MIP counts (shared ones each time)
+        if t.weights:
+            held = {name: n for b in blocks for name, n in t.weights[b].items()}
+            resident = sum(held.values()) + sum(t.kv_mem[b] for b in blocks) + max(t.workspace[b] for b in blocks)
         need.append(resident + t.overhead_bytes)
         if k + 1 < len(st):
             nxt = st[k + 1][0]
@@ -125,7 +134,7 @@ def evaluate(t: CostTables, split: Split) -> SplitCost:
     bottleneck = max(cd + hd[:-1] or [0.0])
     return SplitCost(tuple(cd), tuple(cp), tuple(hd), tuple(hp), tuple(need),
                      decode_ms=sum(cd) + sum(hd), prefill_ms=sum(cp) + sum(hp),
-                     bottleneck_ms=bottleneck, feasible=feasible)
+                     bottleneck_ms=bottleneck, feasible=all(fits), fits=tuple(fits))
 
 
 def brute_force(t: CostTables, max_stages: int | None = None) -> tuple[Split | None, float]:

@@ -90,6 +90,7 @@ class Block:
     flops_prefill: float = 0.0
     flops_decode: float = 0.0
     weight_bytes: int = 0
+    weights: dict[str, int] = field(default_factory=dict)  # initializers it reads -> bytes (some shared)
     kv_bytes: int = 0  # one request, max context
     workspace_bytes: int = 0  # largest prefill activation, twice (in and out)
     cut_bytes_prefill: int = 0  # bytes crossing the cut after this block

@@ -241,7 +241,7 @@ def plan_from_split(t: CostTables, split: Split, how: str, seconds: float) -> Pl
             index=k, device=t.devices[d].name, first_block=first, last_block=last,
             compute_ms_decode=c.compute_decode[k], compute_ms_prefill=c.compute_prefill[k],
             hop_ms_decode=c.hop_decode[k], hop_ms_prefill=c.hop_prefill[k],
-            memory_bytes=int(c.need_bytes[k] * t.safety),
+            memory_bytes=int(c.need_bytes[k]),
             memory_limit_bytes=int(t.devices[d].memory_mb * MIB),
         )
         for k, (d, first, last) in enumerate(split.stages)
@@ -319,8 +319,7 @@ class Partition:
             split = fixed_split(t, self.split, where)
             cost = evaluate(t, split)
             if not cost.feasible:
-                over = [t.devices[d].name for k, (d, _, _) in enumerate(split.stages)
-                        if cost.need_bytes[k] - t.overhead_bytes > t.capacity[d] + 1e-6]
+                over = [t.devices[d].name for k, (d, _, _) in enumerate(split.stages) if not cost.fits[k]]
                 raise DoesNotFit(where, f"the {self.split} split does not fit: stage(s) on "
                                         f"{', '.join(over)} need more memory than the device has")
             state.plan = plan_from_split(t, split, self.split, 0.0)
