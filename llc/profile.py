@@ -52,6 +52,12 @@ class Device:
     memory_mb: float  # usable by llc: what the OS leaves free for the launcher
     gflops: float  # sustained, measured by `llc profile` on real transformer layers
     threads: int = 4
+    # From `llc profile` too: the compute rate (prefill-shaped layers) and how fast the weights are
+    # read (what a decode step, one token, waits on). With both, compile costs a decode step as
+    # FLOPs at the compute rate plus bytes read at this bandwidth, so int4 weights cost less
+    # than fp32 ones; without, as FLOPs at `gflops`.
+    gflops_prefill: float | None = None
+    memory_gbps: float | None = None
     serial: str | None = None  # adb serial (USB serial or host:port)
     address: str = "127.0.0.1"  # where the data-plane port is reachable from peers
     port: int | None = None  # data-plane port; assigned from base_port when absent
@@ -223,7 +229,7 @@ def load_profile(path: str | Path) -> Profile:
         where = f"devices[{i}]"
         line = getattr(raw, "line", top.lines["devices"])
         m = r.mapping(raw, where, line, {"name", "target", "serial", "address", "port",
-                                         "memory_mb", "gflops", "threads"})
+                                         "memory_mb", "gflops", "threads", "gflops_prefill", "memory_gbps"})
         name = r.string(m, "name", where, ...)
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise r.fail(m.lines.get("name", m.line), f"{where}.name",
@@ -248,6 +254,8 @@ def load_profile(path: str | Path) -> Profile:
             memory_mb=r.number(m, "memory_mb", where),
             gflops=r.number(m, "gflops", where),
             threads=r.number(m, "threads", where, 4, integer=True),
+            gflops_prefill=r.number(m, "gflops_prefill", where, 0) or None,
+            memory_gbps=r.number(m, "memory_gbps", where, 0) or None,
         ))
 
     net_raw = top.get("network", _Map())

@@ -125,6 +125,7 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
     print(f"decode GFLOP/s: 1.0 CPU {fast:.2f}, 0.5 CPU {mid:.2f}, 0.25 CPU {slow:.2f}; "
           f"ratios {mid / fast:.3f} and {slow / fast:.3f}")
     assert fast > mid > slow
+    assert all(d.gflops_prefill > d.gflops and d.memory_gbps > 0 for d in profile.devices)
     assert 0.2 <= slow / fast <= 0.3
     host_mb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) // 1024
     for d in profile.devices:  # the lab does not limit memory: phones see the host's MemAvailable

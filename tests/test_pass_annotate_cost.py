@@ -78,3 +78,28 @@ def test_kv_bytes_on_the_node_making_the_present(tmp_path, C):
     kv = {n.output[0]: c.kv_bytes for n, c in zip(state.model.graph.node, state.costs) if c.kv_bytes}
     assert kv == {p: HEADS * C * HEAD_DIM * F32 for p in presents}  # batch 1, max context, float32
     assert len(kv) == 2 * LAYERS
+
+
+def test_decode_costs_the_bytes_it_reads_at_their_precision():
+    """int4 weights read an eighth of fp32's bytes; an embedding lookup reads one row, not its table.
+    With a compute rate and a read bandwidth in the profile, a decode step costs both; without,
+    FLOPs at the decode rate (which folds fp32 reads in)."""
+    from llc.compiler import analysis_passes
+    from llc.compiler.costmodel import decode_ms
+    from llc.profile import Device
+    from models import tiny_llama
+
+    wl = Workload(16, 128)
+    blocks = {w: PassManager(analysis_passes(weights=w)).run(new_state(tiny_llama("legacy"), None, wl)).blocks
+              for w in ("fp32", "int4")}
+    fp32, int4 = ([b for b in blocks[w] if b.kind == "layer"][0] for w in ("fp32", "int4"))
+    kv = fp32.kv_bytes
+    assert fp32.read_bytes_decode == pytest.approx(fp32.weight_bytes + kv, rel=0.01)  # constants shared with earlier blocks read there
+    assert int4.read_bytes_decode - kv < 0.3 * (fp32.read_bytes_decode - kv)
+    embed = blocks["fp32"][0]
+    assert embed.kind == "embed" and embed.weight_bytes > 0 and embed.read_bytes_decode == 0
+    measured = Device("d", "local", 1000, gflops=2.0, gflops_prefill=30.0, memory_gbps=5.0)
+    folded = Device("d", "local", 1000, gflops=2.0)
+    assert decode_ms(int4, measured) < 0.5 * decode_ms(fp32, measured)
+    assert decode_ms(fp32, measured) == pytest.approx(fp32.flops_decode / 30e6 + fp32.read_bytes_decode / 5e6)
+    assert decode_ms(int4, folded) == decode_ms(fp32, folded) == pytest.approx(fp32.flops_decode / 2e6)

@@ -54,6 +54,15 @@ class CostTables:
         return self.latency_ms[a][b] + nbytes * self.ms_per_byte[a][b]
 
 
+def decode_ms(b: Block, d: Device) -> float:
+    """A block's decode step on a device: its FLOPs at the compute rate plus the bytes it reads
+    (weights at their stored precision, the cache) at the read bandwidth, when the profile has
+    both; else its FLOPs at the decode rate, which folds fp32 weight reads in."""
+    if d.gflops_prefill and d.memory_gbps:
+        return b.flops_decode / (d.gflops_prefill * 1e6) + b.read_bytes_decode / (d.memory_gbps * 1e6)
+    return b.flops_decode / (d.gflops * 1e6)
+
+
 def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> CostTables:
     devs = profile.devices
     overhead = workload.runtime_overhead_mb * MIB
@@ -64,8 +73,9 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
     return CostTables(
         devices=devs,
         labels=tuple(b.label for b in blocks),
-        t_decode=tuple(tuple(b.flops_decode / (d.gflops * 1e6) for d in devs) for b in blocks),
-        t_prefill=tuple(tuple(b.flops_prefill / (d.gflops * 1e6) for d in devs) for b in blocks),
+        t_decode=tuple(tuple(decode_ms(b, d) for d in devs) for b in blocks),
+        t_prefill=tuple(tuple(b.flops_prefill / ((d.gflops_prefill or d.gflops) * 1e6) for d in devs)
+                        for b in blocks),
         mem=tuple(b.weight_bytes + b.kv_bytes * workload.requests_in_flight for b in blocks),
         workspace=tuple(b.workspace_bytes for b in blocks),
         cut_decode=tuple(b.cut_bytes_decode for b in blocks),

@@ -77,6 +77,7 @@ class NodeCost:
     weight_bytes: int = 0  # initializers first used by this node
     act_bytes_prefill: int = 0  # outputs of this node
     kv_bytes: int = 0  # KV cache this node produces, at max context, one request
+    read_bytes_decode: int = 0  # what a decode step reads: its weights (a lookup: one row) and its cache
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Block:
     weight_bytes: int = 0
     weights: dict[str, int] = field(default_factory=dict)  # initializers it reads -> bytes (some shared)
     kv_bytes: int = 0  # one request, max context
+    read_bytes_decode: int = 0  # weights and cache a decode step reads
     workspace_bytes: int = 0  # largest prefill activation, twice (in and out)
     cut_bytes_prefill: int = 0  # bytes crossing the cut after this block
     cut_bytes_decode: int = 0

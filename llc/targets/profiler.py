@@ -81,6 +81,20 @@ class BenchLayers:
         attn = 2 * 2 * tokens * (past + tokens) * h
         return self.layers * (proj + mlp + attn)
 
+    def bytes_read(self, past: int) -> int:
+        """fp32 bytes a step reads: every weight once, and the KV cache of ``past`` tokens."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        weights = h * (h + 2 * kv + h) + 3 * h * self.ffn + 2 * h
+        return 4 * self.layers * (weights + 2 * past * kv)
+
+    def memory_gbps(self, gflops_decode: float, gflops_prefill: float) -> float:
+        """The read bandwidth a decode step saw: its time less its FLOPs at the compute rate
+        (the prefill's), over the bytes it read. At least the bytes over the whole step."""
+        flops, nbytes = self.flops(1, self.decode_context), self.bytes_read(self.decode_context)
+        step_s = flops / (gflops_decode * 1e9)
+        memory_s = max(step_s - flops / (gflops_prefill * 1e9), 0.1 * step_s)
+        return nbytes / memory_s / 1e9
+
     def modes(self) -> list[dict]:
         return [
             {"name": "decode", "dims": {"T": 1, "P": self.decode_context},
@@ -167,6 +181,7 @@ class DeviceResult:
     gflops_decode: float
     gflops_prefill: float
     cpu_share: float  # CPU seconds per wall second during decode (a quota or a busy phone shows here)
+    memory_gbps: float = 0.0
 
 
 @dataclass
@@ -243,9 +258,11 @@ def measure(path: Path, out: Path, adb: Adb, seconds: float = 2.0, net_seconds: 
             dec, pre = got["modes"]["decode"], got["modes"]["prefill"]
             mem = got.get("mem_available_kb")
             results[dev.name] = DeviceResult(dev.name, dev.threads, mem // 1024 if mem else None,
-                                             dec["gflops"], pre["gflops"], dec["cpu_s"] / dec["wall_s"])
+                                             dec["gflops"], pre["gflops"], dec["cpu_s"] / dec["wall_s"],
+                                             shape.memory_gbps(dec["gflops"], pre["gflops"]))
             r = results[dev.name]
-            log(f"{dev.name}: {r.gflops_decode:.2f} GFLOP/s decode, {r.gflops_prefill:.2f} prefill "
+            log(f"{dev.name}: {r.gflops_decode:.2f} GFLOP/s decode, {r.gflops_prefill:.2f} prefill, "
+                f"{r.memory_gbps:.1f} GB/s read "
                 f"({dev.threads} thread(s), {r.cpu_share:.2f} CPU s/s), "
                 + (f"{r.memory_mb} MB available" if r.memory_mb else "MemAvailable unknown"))
         if network:
@@ -328,6 +345,8 @@ def _render(raw: dict, profile: Profile, results: dict[str, DeviceResult], links
         elif "memory_mb" not in d:
             raise LlcError(source, f"devices: {r.name}: no MemAvailable in /proc/meminfo; give memory_mb")
         d["gflops"] = round(r.gflops_decode, 3)
+        d["gflops_prefill"] = round(r.gflops_prefill, 3)
+        d["memory_gbps"] = round(r.memory_gbps, 3)
         devices.append(d)
     doc["devices"] = devices
     net = dict(raw.get("network") or {})
@@ -341,7 +360,9 @@ def _render(raw: dict, profile: Profile, results: dict[str, DeviceResult], links
     if net:
         doc["network"] = net
     head = [f"# Measured by `llc profile {source}`.",
-            "# gflops: decode (1 token, 256-token cache) on 4 SmolLM2-135M-sized layers; prefill and CPU share below.",
+            "# gflops: decode (1 token, 256-token cache) on 4 SmolLM2-135M-sized layers; gflops_prefill: 64-token",
+            "# prefill on them (the compute rate); memory_gbps: bytes a decode step reads over its time beyond",
+            "# its FLOPs at that rate (compile costs a decode step with these two). CPU share below.",
             "# latency_ms is half the measured phone-to-phone round trip."]
     for r in results.values():
         head.append(f"#   {r.name}: decode {r.gflops_decode:.2f} GFLOP/s, prefill {r.gflops_prefill:.2f} GFLOP/s, "

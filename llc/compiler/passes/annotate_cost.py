@@ -199,6 +199,9 @@ def node_flops(node: onnx.NodeProto, shapes: dict[str, TensorInfo]) -> float:
     return float(ELEMENTWISE_FLOPS.get(node.op_type, 1) * numel)
 
 
+LOOKUPS = {"Gather", "GatherBlockQuantized", "GatherElements", "GatherND"}
+
+
 @dataclass(frozen=True)
 class AnnotateCost:
     name: ClassVar[str] = "annotate-cost"
@@ -222,12 +225,15 @@ class AnnotateCost:
             outs = [o for o in node.output if o]
             if any(prefill.get(o) is None or prefill[o].shape is None for o in outs):
                 unknown += 1
+            kv = sum(tensor_nbytes(decode.get(o)) for o in outs if o in kv_outputs)
+            lookup = node.op_type in LOOKUPS  # an embedding reads one row per token, not its table
             costs.append(NodeCost(
                 flops_prefill=node_flops(node, prefill),
                 flops_decode=node_flops(node, decode),
                 weight_bytes=sum(init_bytes[w] for w in weights),
                 act_bytes_prefill=sum(tensor_nbytes(prefill.get(o)) for o in outs),
-                kv_bytes=sum(tensor_nbytes(decode.get(o)) for o in outs if o in kv_outputs),
+                kv_bytes=kv,
+                read_bytes_decode=kv + (0 if lookup else sum(init_bytes[w] for w in weights)),
             ))
         if unknown:
             state.notes.append(f"annotate-cost: {unknown} nodes without inferred shapes (costed as 0)")

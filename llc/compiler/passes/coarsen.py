@@ -169,6 +169,7 @@ def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block
             weight_bytes=sum(init_bytes[w] for w in weights),
             weights={w: init_bytes[w] for w in sorted(weights)},
             kv_bytes=sum(c.kv_bytes for c in costs),
+            read_bytes_decode=sum(c.read_bytes_decode for c in costs),
             workspace_bytes=2 * max((c.act_bytes_prefill for c in costs), default=0),
             cut_bytes_prefill=sum(tensor_nbytes(pre.get(t)) for t in crossing),
             cut_bytes_decode=sum(tensor_nbytes(dec.get(t)) for t in crossing),
