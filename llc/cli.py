@@ -160,7 +160,7 @@ def verify(build: Path, tolerance: float, prompt_len: int) -> None:
                    f"other outputs ({len(ds) - 1}) max|diff| {others:.3e}")
     batched = {d.step: d.max_abs_diff for d in diffs if d.step.startswith("batched")}
     if batched:
-        click.echo(f"batched  logits max|diff| {batched['batched decode']:.3e}   (3 requests decoded as one batch; "
+        click.echo(f"batched  logits max|diff| {batched['batched decode']:.3e}   (requests of different lengths as one batch; "
                    f"each alone: {batched['batched vs alone']:.3e}, not checked)")
     if worst.max_abs_diff > tolerance:
         raise LlcError(build, f"split differs from unsplit: {worst.output} ({worst.step}) "

@@ -399,6 +399,8 @@ def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, r
         "a batch over max_batch": (tail, tensors(24, 1, rids=[24, 25, 26], steps=[1, 1, 1])),
         "rids and steps differ in length": (tail, tensors(27, 1, rids=[27, 28], steps=[1])),
         "width beyond the max context": (tail, tensors(29, 0, width=10**6)),
+        "tensors to the head": (head, tensors(30, 0)),
+        "a prefill of no tokens": (tail, tensors(31, 0, shape=(1, 0, 64))),
     }
     with Coordinator(build, health=target.health) as c:
         c.connect()
@@ -410,6 +412,12 @@ def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, r
             errors = [m for m in replies if m.type == protocol.ERROR]
             assert len(errors) == 1, (what, replies)
             assert target.health() == {}, what
+        # a batch of two requests whose tensors hold one row: both fail, the device lives on
+        c.socks[tail].send_multipart(tensors(32, 0))
+        assert [m.type for m in raw_replies(c.socks[tail], 1.0)] == [protocol.TOKEN]
+        c.socks[tail].send_multipart(tensors(19, 1, rids=[19, 32], steps=[1, 1], width=1))
+        assert {m.type for m in raw_replies(c.socks[tail], 1.0)} == {protocol.ERROR}
+        assert target.health() == {}
         # a message over the device's size limit: the connection is dropped, the device lives on
         c.socks[tail].send_multipart(tensors(20, 0, shape=(1, 1 << 16, 64)) * 1 + [b"\0" * (32 << 20)])
         time.sleep(0.5)

@@ -124,7 +124,7 @@ class Device:
                         self.wake_rx.recv()
                     while not self.results.empty():
                         self.worker_busy = False
-                        self.stage.complete(self.results.get())
+                        self._complete(self.results.get())
                 else:
                     self._receive()
             self._dispatch()
@@ -166,7 +166,17 @@ class Device:
             self.worker_busy = True
             self.jobs.put(job)
         else:
-            self.stage.complete(self.stage.run(job))
+            self._complete(self.stage.run(job))
+
+    def _complete(self, result: StepResult) -> None:
+        """Hand a step's result to the stage; whatever goes wrong there, the device keeps serving."""
+        try:
+            self.stage.complete(result)
+        except Exception as e:
+            log.exception("step of %s failed after it ran", result.job.rows)
+            for rid, _ in result.job.rows:
+                self.stage._error(f"{type(e).__name__}: {e}", rid)
+                self.stage.end(rid, forward=True)
 
     def _work(self, wake: zmq.Socket) -> None:
         """Worker thread: runs prefills (onnxruntime releases the GIL) and wakes the loop."""

@@ -153,6 +153,7 @@ class Stage:
         self.ended: deque[int] = deque(maxlen=ENDED_KEPT)
         self.ready: deque = deque()  # the head: request ids; a later stage: unit keys
         self.waiting = False  # the head holds ready decode steps back for the rest of their group
+        self.assembling: tuple[int, ...] = ()  # requests of the step next_job is putting together
         self.compute_ms = {"prefill": 0.0, "decode": 0.0}
         self.steps = {"prefill": 0, "decode": 0}  # onnxruntime runs
         self.rows = {"prefill": 0, "decode": 0}  # request steps in them (more than runs when batched)
@@ -174,7 +175,8 @@ class Stage:
         rid = None
         try:
             msg = protocol.unpack(frames)
-            rid = msg.get("rid")
+            rids = msg.get("rids")
+            rid = msg.get("rid", rids[0] if isinstance(rids, list) and len(rids) == 1 else None)
             return msg.type, self._dispatch(msg)
         except RequestError as e:
             self._error(str(e), rid)
@@ -233,6 +235,8 @@ class Stage:
         self._queue_head(req)
 
     def _on_tensors(self, msg: Message) -> None:
+        if self.m.is_head:
+            raise protocol.ProtocolError("tensors sent to the head, which takes none")
         rows = self._rows(msg)
         params = SamplingParams.parse(msg["params"]) if "params" in msg.fields else None
         if params is not None and len(rows) != 1:
@@ -312,6 +316,8 @@ class Stage:
         if forward:
             for peer in dict.fromkeys(s.to for s in self.m.sends):
                 self._send(peer, protocol.pack(END, rid=rid, forward=True))
+        if not self.m.is_head:
+            self._queue_units()
 
     def _drop(self, rid: int) -> None:
         self.requests.pop(rid, None)
@@ -347,14 +353,26 @@ class Stage:
                 self.ready.append(key)
 
     def next_job(self) -> Job | None:
-        """The next step to run, inputs gathered; None when nothing is ready (or the head waits)."""
-        if self.m.is_head:
-            return self._head_job()
-        while self.ready:
-            job = self._unit_job(self.ready.popleft())
-            if job is not None:
-                return job
-        return None
+        """The next step to run, inputs gathered; None when nothing is ready (or the head waits).
+
+        Inputs that cannot be put together (a peer sent tensors of the wrong
+        shape) fail that step's requests, never the device.
+        """
+        try:
+            if self.m.is_head:
+                return self._head_job()
+            while self.ready:
+                job = self._unit_job(self.ready.popleft())
+                if job is not None:
+                    return job
+            return None
+        except Exception as e:
+            for rid in self.assembling:
+                self._error(f"{type(e).__name__}: {e}", rid)
+                self._drop(rid)
+            return None
+        finally:
+            self.assembling = ()
 
     def _head_job(self) -> Job | None:
         """The oldest ready step: a prefill alone, or a batch of the ready decode steps.
@@ -383,6 +401,7 @@ class Stage:
             batch = decodes[:self.m.max_batch]
         taken = {r.rid for r in batch}
         self.ready = deque(r.rid for r in ready if r.rid not in taken)
+        self.assembling = tuple(taken)
         width = max(r.past for r in batch)
         built: dict[str, np.ndarray] = {}
         ids = [r.next_ids or [] for r in batch]
@@ -413,6 +432,9 @@ class Stage:
         batch = [self.requests.get(rid) for rid, _ in unit.rows]
         if all(r is None for r in batch):
             return None
+        if any(r is not None and (r.busy or r.step != step) for r, (_, step) in zip(batch, unit.rows)):
+            self._error(f"a batch for steps {[s for _, s in unit.rows]} its requests are not at; dropped")
+            return None
         pads = tuple(unit.width - (r.past if r else 0) for r in batch)
         if self.kv_inputs and min(pads) < 0:
             for r in batch:
@@ -420,6 +442,7 @@ class Stage:
                     self._drop(r.rid)
             self._error(f"a batch of width {unit.width} is shorter than a cache it pads; dropped its requests")
             return None
+        self.assembling = tuple(r.rid for r in batch if r is not None)
         for r in batch:
             if r is not None:
                 r.busy = True
@@ -446,6 +469,11 @@ class Stage:
         try:
             outs = self.session.run(self.output_names, job.feeds)
             outputs, error = dict(zip(self.output_names, outs)), None
+            n = len(job.rows)  # a peer's tensors of another batch size or no tokens must not get further
+            logits = outputs[self.m.logits] if self.m.is_tail else None
+            if (logits is not None and (logits.ndim < 2 or logits.shape[0] != n or logits.shape[1] < 1)) or (
+                    n > 1 and any(outputs[i.present].shape[:1] != (n,) for i in self.kv_inputs)):
+                outputs, error = None, f"step {job.step}: outputs are not one row per request of the batch"
         except Exception as e:  # onnxruntime's own errors: the request fails, the device stays
             outputs, error = None, f"step {job.step}: {type(e).__name__}: {e}"
         return StepResult(job, outputs, error, (time.perf_counter() - t0) * 1000.0)
@@ -464,6 +492,8 @@ class Stage:
                 self._drop(req.rid)
             self._queue_units()
             return
+        if not rows:
+            return  # every request of it ended while it ran: later stages got their ends
         outputs = result.outputs
         if self.on_outputs is not None:
             self.on_outputs(job, outputs)
