@@ -125,6 +125,9 @@ def print_plan(build: Path) -> None:
     click.echo(f"plan {plan.build_id} ({plan.objective}, {plan.split}): {len(plan.stages)} stage(s), "
                f"decode {p.decode_ms_per_token:.2f} ms/token, prefill {p.prefill_ms:.1f} ms "
                f"({plan.workload.prompt_tokens} tokens), bottleneck {p.bottleneck_ms:.2f} ms")
+    if p.tokens_per_s_batched is not None and plan.workload.requests_in_flight > 1:
+        click.echo(f"  with {plan.workload.requests_in_flight} requests in flight: {p.tokens_per_s_batched:.1f} "
+                   f"tokens/s predicted (decode steps in batches of {p.batch_group})")
     click.echo(f"  {'stage':<6}{'device':<16}{'layers':<22}{'memory MB':>16}{'decode ms':>11}"
                f"{'prefill ms':>12}{'hop ms':>8}")
     for s in plan.stages:

@@ -141,3 +141,22 @@ def test_baselines_are_valid_splits():
         blocks = [b for _, f, l in split.stages for b in range(f, l + 1)]
         assert blocks == list(range(9))
         assert all(f <= l for _, f, l in split.stages)
+
+
+def test_batching_is_predicted_from_what_a_step_reads():
+    """A step of g rows reads the weights once: g x compute + reading. Groups of ceil(R / stages)
+    go round the pipeline; one stage with 4 requests runs them as one batch."""
+    from llc.compiler.costmodel import Split, batched_tokens_per_s
+
+    t = random_tables(random.Random(1), nb=2, nd=2, objective="throughput")
+    zero = ((0.0, 0.0), (0.0, 0.0))
+    t = CostTables(**{**t.__dict__, "t_decode": ((10.0, 10.0), (10.0, 10.0)), "latency_ms": zero,
+                      "ms_per_byte": zero, "t_decode_read": ((6.0, 6.0), (6.0, 6.0))})
+    one = Split(((0, 0, 1),))
+    assert batched_tokens_per_s(t, one, 1, 4) == (pytest.approx(1000 / 20), 1)
+    assert batched_tokens_per_s(t, one, 4, 4) == (pytest.approx(1000 * 4 / (4 * 8 + 12)), 4)
+    assert batched_tokens_per_s(t, one, 4, 1) == (pytest.approx(1000 * 4 / 80), 1)  # batching off
+    two = Split(((0, 0, 0), (1, 1, 1)))  # groups of 2: each stage 2 x 4 + 6 = 14 ms, twice per cycle
+    assert batched_tokens_per_s(t, two, 4, 4) == (pytest.approx(1000 * 4 / 28), 2)
+    folded = CostTables(**{**t.__dict__, "t_decode_read": ()})  # no read bandwidth: no gain predicted
+    assert batched_tokens_per_s(folded, one, 4, 4)[0] == pytest.approx(1000 * 4 / 80)

@@ -86,6 +86,9 @@ class Predicted:
     bottleneck_ms: float
     tokens_per_s_one_request: float | None
     tokens_per_s_pipelined: float | None
+    # with the workload's requests in flight, decode steps batched in groups of batch_group
+    tokens_per_s_batched: float | None = None
+    batch_group: int = 1
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class CostTables:
     # holds (a constant shared by blocks, like GroupQueryAttention's rotary tables, is held once)
     weights: tuple[dict[str, int], ...] = ()
     kv_mem: tuple[int, ...] = ()
+    t_decode_read: tuple[tuple[float, ...], ...] = ()  # [block][device] ms of t_decode spent reading
 
     def hop(self, a: int, b: int, nbytes: float) -> float:
         if a == b:
@@ -89,6 +90,8 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
         stages=workload.stages,
         weights=tuple(b.weights for b in blocks),
         kv_mem=tuple(b.kv_bytes * workload.requests_in_flight for b in blocks),
+        t_decode_read=tuple(tuple(b.read_bytes_decode / (d.memory_gbps * 1e6) if d.gflops_prefill and d.memory_gbps
+                                  else 0.0 for d in devs) for b in blocks),
     )
 
 
@@ -145,6 +148,31 @@ def evaluate(t: CostTables, split: Split) -> SplitCost:
     return SplitCost(tuple(cd), tuple(cp), tuple(hd), tuple(hp), tuple(need),
                      decode_ms=sum(cd) + sum(hd), prefill_ms=sum(cp) + sum(hp),
                      bottleneck_ms=bottleneck, feasible=all(fits), fits=tuple(fits))
+
+
+def batched_tokens_per_s(t: CostTables, split: Split, requests: int, max_batch: int) -> tuple[float, int]:
+    """Predicted tokens/s with ``requests`` in flight, decode steps batched in groups; and the group size.
+
+    A stage's step for a group of g rows reads its weights once and computes g
+    times: g x (compute) + (reading). Groups of ceil(requests / stages) follow
+    each other round the pipeline; a cycle gives every request a token and
+    lasts as long as one group's round trip, or the busiest stage (or link)
+    serving every group, whichever is longer. Without a read bandwidth in the
+    profile all of a step counts as compute, so batching is predicted to gain
+    nothing.
+    """
+    n = len(split.stages)
+    group = max(1, min(max_batch, -(-requests // n)))
+    groups = -(-requests // group)
+    steps, hops = [], []
+    for k, (d, first, last) in enumerate(split.stages):
+        blocks = range(first, last + 1)
+        read = sum(t.t_decode_read[b][d] for b in blocks) if t.t_decode_read else 0.0
+        steps.append(group * (sum(t.t_decode[b][d] for b in blocks) - read) + read)
+        nxt, nbytes = (split.stages[k + 1][0], t.cut_decode[last]) if k + 1 < n else (split.stages[0][0], TOKEN_BYTES)
+        hops.append(t.hop(d, nxt, group * nbytes))
+    cycle = max(sum(steps) + sum(hops), groups * max(steps + hops))
+    return 1000.0 * requests / cycle, group
 
 
 def brute_force(t: CostTables, max_stages: int | None = None) -> tuple[Split | None, float]:

@@ -76,6 +76,9 @@ def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: flo
         "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
         "ttft_ms_mean": sum(ttft) / len(ttft) if ttft else None,
         "ms_per_token_mean": sum(mspt) / len(mspt) if mspt else None,
+        # the plan's tokens/s with as many requests in flight as it reserved KV cache for
+        "predicted_tokens_per_s": plan.predicted.tokens_per_s_batched if plan else None,
+        "planned_requests": plan.workload.requests_in_flight if plan else None,
         "stages": [
             {"device": s.device, "stage": s.stage, "prefill_ms": s.prefill_ms, "prefill_steps": s.prefill_steps,
              "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step,
@@ -102,6 +105,9 @@ def _print_summary(summary: dict) -> None:
     echo(f"{summary['requests']} request(s), {summary['tokens']} tokens in {summary['wall_s']:.2f} s "
          f"({summary['tokens_per_s'] or 0:.1f} tok/s); time to first token {ms(summary['ttft_ms_mean'])}, "
          f"{ms(summary['ms_per_token_mean'])}/token")
+    if summary.get("predicted_tokens_per_s"):
+        echo(f"  the plan predicts {summary['predicted_tokens_per_s']:.1f} tok/s with "
+             f"{summary['planned_requests']} request(s) in flight")
     for s in summary["stages"]:
         predicted = s["predicted_ms_per_decode_step"]
         echo(f"  stage {s['stage']} {s['device']}: decode {ms(s['ms_per_decode_step_median'])}/step "

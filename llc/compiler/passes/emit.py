@@ -26,6 +26,7 @@ import jinja2
 
 import llc
 from llc.bundle import schema
+from llc.compiler.costmodel import Split, batched_tokens_per_s, build_tables
 from llc.compiler.passes.comm_map import link_bytes
 from llc.compiler.passes.layout import build_inputs
 from llc.compiler.report import render_report
@@ -202,6 +203,17 @@ def batching(state: CompileState) -> tuple[int, str | None]:
     return 1, None
 
 
+def batched(state: CompileState) -> tuple[float | None, int]:
+    """The plan's tokens/s with the workload's requests in flight, batched as the build batches."""
+    if state.profile is None:
+        return None, 1
+    t = build_tables(state.blocks, state.profile, state.workload)
+    index = {d.name: i for i, d in enumerate(t.devices)}
+    split = Split(tuple((index[s.device], s.first_block, s.last_block) for s in state.plan.stages))
+    tps, group = batched_tokens_per_s(t, split, state.workload.requests_in_flight, batching(state)[0])
+    return round(tps, 3), group
+
+
 def max_message_bytes(state: CompileState, inputs: tuple[str, ...]) -> int:
     """The largest message a stage should take: its inputs for a whole max-context prompt, with room.
 
@@ -235,7 +247,8 @@ def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
         predicted=schema.Predicted(
             round(plan.decode_ms, 4), round(plan.prefill_ms, 4), round(plan.bottleneck_ms, 4),
             round(1000 / plan.decode_ms, 3) if plan.decode_ms else None,
-            round(1000 / plan.bottleneck_ms, 3) if plan.bottleneck_ms else None),
+            round(1000 / plan.bottleneck_ms, 3) if plan.bottleneck_ms else None,
+            *batched(state)),
         blocks=tuple(schema.BlockDoc(b.index, b.label, b.kind, len(b.nodes), round(b.flops_decode / 1e9, 6),
                                      round(b.flops_prefill / 1e9, 6), b.weight_bytes, b.kv_bytes) for b in blocks),
         stages=tuple(schema.StageDoc(
