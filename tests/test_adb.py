@@ -31,7 +31,8 @@ from llc.targets.base import TargetError, make_target
 from models import small_llama, tiny_llama
 
 NAME, SUBNET, ADB_PORT = "llcd", "10.79.0", 5157
-SPECS = [PhoneSpec(cpu=1.0, rate="100mbit"), PhoneSpec(cpu=0.5, rate="50mbit"), PhoneSpec(cpu=0.25, rate="40mbit")]
+SPECS = [PhoneSpec(cpu=1.0, rate="100mbit", memory_mb=1500), PhoneSpec(cpu=0.5, rate="50mbit", memory_mb=800),
+         PhoneSpec(cpu=0.25, rate="40mbit", memory_mb=600)]
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["w5 w6 w7", "w40", "w100 w101 w102 w103 w104 w105 w106", "w7 w8 w9 w200 w201 w202 w203 w3 w4"]
 NEW_TOKENS = 12
@@ -127,9 +128,9 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
     assert fast > mid > slow
     assert all(d.gflops_prefill > d.gflops and d.memory_gbps > 0 for d in profile.devices)
     assert 0.2 <= slow / fast <= 0.3
-    host_mb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) // 1024
-    for d in profile.devices:  # the lab does not limit memory: phones see the host's MemAvailable
-        assert 0.5 * host_mb < d.memory_mb < 1.5 * host_mb
+    for d, spec in zip(profile.devices, SPECS):  # each phone's memory cgroup: its limit less what is in use
+        print(f"{d.name}: {d.memory_mb} MB of its {spec.memory_mb} MB limit")
+        assert 0.8 * spec.memory_mb < d.memory_mb <= spec.memory_mb
     rates = {p.name: p.rate_bps / 1e6 for p in lab.phones}
     assert len(profile.network.links) == 3
     for (a, b), link in profile.network.links.items():

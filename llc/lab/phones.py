@@ -20,8 +20,11 @@ Per phone the lab makes:
     at full speed. Phones share a core only while their cpu adds up to at
     most 1, so one phone never runs on another's time, and the lab's
     cgroup outweighs the host's own processes (cpu.shares), so a busy host
-    does not slow the phones. Both are joined before adbd starts, so
-    everything `adb shell` runs is slowed too;
+    does not slow the phones;
+  - a memory limit: cgroup v1 `memory/<name>-lab/<phone>` with
+    memory.limit_in_bytes, which `llc profile`'s probe reads (limit less
+    usage) instead of the host's MemAvailable. The cgroups are joined before
+    adbd starts, so everything `adb shell` runs is slowed and limited too;
   - a private mount namespace in which a per-phone folder is bind-mounted on
     /data/local/tmp, the folder phones let `adb push` write to.
 
@@ -29,7 +32,7 @@ The lab uses its own adb server port so it never touches a user's adb server.
 Needs root, `adb`, `adbd` and iproute2 (scripts/install-lab-deps.sh).
 
 CLI (`llc lab ...` or `python -m llc.lab.phones ...`):
-    up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --state-dir /tmp/llc-lab
+    up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --memory 1500,800,400 --state-dir /tmp/llc-lab
     status --state-dir /tmp/llc-lab
     down --state-dir /tmp/llc-lab
 """
@@ -57,6 +60,7 @@ from llc.errors import LabError, one_line_errors
 ADBD = "/usr/lib/android-sdk/platform-tools/adbd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 CGROUP_CPUSET = Path("/sys/fs/cgroup/cpuset")
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 MIN_QUOTA_US = 1000  # the kernel's least CFS quota (and period)
 LAB_CPU_SHARES = 262144  # the most the kernel allows: host processes (1024 each) barely slow a phone
 ADBD_PORT = 5555
@@ -66,8 +70,8 @@ DEFAULT_ADB_PORT = 5137  # not 5037: never share the user's adb server
 GFLOPS_PER_CORE = 8.0  # rough fp32 onnxruntime speed of one host core, for devices.yaml only
 
 # The script run (via `unshare --mount --uts`) in front of adbd. It joins the
-# cgroups first (cpu quota, then cpuset), so adbd and every process it spawns are
-# slowed and pinned; then
+# cgroups first (cpu quota, cpuset, memory), so adbd and every process it spawns
+# are slowed, pinned and limited; then
 # bind-mounts the phone's folder on /data/local/tmp inside the private mount
 # namespace and names the host after the phone (logs say which phone); then
 # enters the network namespace and execs adbd. Arguments, not string
@@ -76,11 +80,12 @@ _LAUNCH = r"""
 set -e
 echo $$ > "$1"
 echo $$ > "$2"
-mount --bind "$3" /data/local/tmp
-hostname "$5" || true
+echo $$ > "$3"
+mount --bind "$4" /data/local/tmp
+hostname "$6" || true
 cd /
-netns=$4
-shift 5
+netns=$5
+shift 6
 exec nsenter --net="$netns" "$@"
 """
 
@@ -92,7 +97,7 @@ class PhoneSpec:
     name: str | None = None  # default: phone<i>, i = 1..N
     cpu: float = 1.0  # speed as a share of one core of this machine, 0 < cpu <= 1
     rate: str = "100mbit"  # tc rate of its link, each direction
-    memory_mb: int = 2000  # only reported in devices.yaml: the lab does not limit memory
+    memory_mb: int = 2000  # its memory limit (cgroup v1 memory controller): what `llc profile` reads
 
 
 @dataclass
@@ -253,6 +258,7 @@ class Lab:
         self.bridge = f"{name}br0"
         self.cgroup = CGROUP_CPU / f"{name}-lab"
         self.cpuset = CGROUP_CPUSET / f"{name}-lab"
+        self.memcg = CGROUP_MEMORY / f"{name}-lab"
         self.phones: list[Phone] = []
 
     # ---- adb -------------------------------------------------------------
@@ -290,6 +296,8 @@ class Lab:
         for s in specs:
             if not 0 < s.cpu <= 1:
                 raise LabError(f"cpu {s.cpu}: must be > 0 and at most 1 (a share of one core)")
+            if not 64 <= s.memory_mb <= 1 << 20:
+                raise LabError(f"memory {s.memory_mb} MB: give 64 MB or more")
             parse_rate(s.rate)
         cores = assign_cores([s.cpu for s in specs], sorted(os.sched_getaffinity(0)))
 
@@ -319,6 +327,7 @@ class Lab:
         self.cpuset.mkdir(exist_ok=True)  # a cpuset needs its cpus and mems before it takes tasks
         for key in ("cpuset.cpus", "cpuset.mems"):
             (self.cpuset / key).write_text((CGROUP_CPUSET / key).read_text())
+        self.memcg.mkdir(exist_ok=True)
         # The bind mount needs a mount point on the host's file system; an empty
         # folder there is harmless, and `down` removes it again if we made it.
         if not DEVICE_TMP.exists():
@@ -350,6 +359,9 @@ class Lab:
         quota, period = cpu_quota(spec.cpu)
         (cgroup / "cpu.cfs_period_us").write_text(str(period))
         (cgroup / "cpu.cfs_quota_us").write_text(str(quota if spec.cpu < 1 else -1))
+        memcg = self.memcg / name
+        memcg.mkdir(exist_ok=True)
+        (memcg / "memory.limit_in_bytes").write_text(str(spec.memory_mb << 20))
         cpuset = self.cpuset / name
         cpuset.mkdir(exist_ok=True)
         (cpuset / "cpuset.cpus").write_text(str(core))
@@ -358,7 +370,7 @@ class Lab:
         phone_dir = self.state_dir / name
         data_dir = phone_dir / "data-local-tmp"
         data_dir.mkdir(parents=True, exist_ok=True)
-        pid = self._start_adbd(name, address, cgroup, cpuset, data_dir, netns, phone_dir / "adbd.log")
+        pid = self._start_adbd(name, address, cgroup, cpuset, memcg, data_dir, netns, phone_dir / "adbd.log")
         return Phone(
             name=name, index=i, address=address, serial=f"{address}:{ADBD_PORT}",
             cpu=spec.cpu, cpu_quota_us=quota, cpu_period_us=period, core=core, rate=spec.rate, rate_bps=rate_bps,
@@ -366,8 +378,8 @@ class Lab:
             netns=netns, veth=veth, cgroup=str(cgroup), data_dir=str(data_dir), pid=pid,
         )
 
-    def _start_adbd(self, name: str, address: str, cgroup: Path, cpuset: Path, data_dir: Path, netns: str,
-                    log: Path) -> int:
+    def _start_adbd(self, name: str, address: str, cgroup: Path, cpuset: Path, memcg: Path, data_dir: Path,
+                    netns: str, log: Path) -> int:
         """Start adbd detached (it outlives `llc lab up`) with a clean, phone-like environment.
 
         adbd hands its own environment to every `adb shell`, so it gets a small
@@ -387,7 +399,8 @@ class Lab:
         args = [
             "unshare", "--mount", "--uts", "--propagation", "private", "--",
             "sh", "-c", _LAUNCH, "llc-lab-launch",
-            str(cgroup / "cgroup.procs"), str(cpuset / "cgroup.procs"), str(data_dir), f"/run/netns/{netns}", name,
+            str(cgroup / "cgroup.procs"), str(cpuset / "cgroup.procs"), str(memcg / "cgroup.procs"), str(data_dir),
+            f"/run/netns/{netns}", name,
             ADBD,
         ]
         with open(log, "ab") as out:
@@ -493,7 +506,7 @@ class Lab:
         pids = {p.pid for p in self.phones if _alive(p.pid)}
         for n in mine:
             pids |= _pids_of_netns(n)
-        pids |= _pids_of_cgroup(self.cgroup) | _pids_of_cgroup(self.cpuset)
+        pids |= _pids_of_cgroup(self.cgroup) | _pids_of_cgroup(self.cpuset) | _pids_of_cgroup(self.memcg)
         pids.discard(os.getpid())
         _kill_all(pids)
 
@@ -504,7 +517,7 @@ class Lab:
                 _run(["ip", "link", "del", link.name], check=False, timeout=10)
         if Path(f"/sys/class/net/{self.bridge}").exists():
             _run(["ip", "link", "del", self.bridge], timeout=10)
-        for root in (self.cgroup, self.cpuset):
+        for root in (self.cgroup, self.cpuset, self.memcg):
             if root.is_dir():
                 for sub in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                     _rmdir_cgroup(sub)
@@ -548,7 +561,8 @@ def _preflight() -> None:
         missing.append(ADBD)
     if missing:
         raise LabError(f"missing {', '.join(missing)}: run scripts/install-lab-deps.sh")
-    for controller, probe in ((CGROUP_CPU, "cpu.cfs_quota_us"), (CGROUP_CPUSET, "cpuset.cpus")):
+    for controller, probe in ((CGROUP_CPU, "cpu.cfs_quota_us"), (CGROUP_CPUSET, "cpuset.cpus"),
+                              (CGROUP_MEMORY, "memory.limit_in_bytes")):
         if not (controller / probe).exists():
             raise LabError(f"no cgroup v1 {controller.name} controller at {controller}")
 
@@ -580,18 +594,24 @@ _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default
 @click.option("--cpu", default="1", show_default=True,
               help="Speed per phone as a share of one core, e.g. 1,0.5,0.25.")
 @click.option("--rate", default="100mbit", show_default=True, help="Link rate per phone (tc syntax), e.g. 200mbit,50mbit.")
+@click.option("--memory", default="2000", show_default=True,
+              help="Memory limit per phone in MB (what `llc profile` reads), e.g. 1500,800,400.")
 @click.option("--names", default=None, help="Phone names, comma-separated (default phone1, phone2, ...).")
 @click.option("--adb-port", default=DEFAULT_ADB_PORT, show_default=True, help="The lab's private adb server port.")
 @click.option("--name", "lab_name", default="llc", show_default=True, help="Prefix of the lab's bridge, namespaces, cgroup.")
 @click.option("--subnet", default="10.77.0", show_default=True, help="First three octets of the lab network.")
 @_state_opt
 @one_line_errors
-def up_cmd(n, cpu, rate, names, adb_port, lab_name, subnet, state_dir) -> None:
+def up_cmd(n, cpu, rate, memory, names, adb_port, lab_name, subnet, state_dir) -> None:
     """Bring up N phones and print where they are (also written to STATE_DIR/lab.json)."""
     cpus = [float(c) for c in _split(cpu, n, "--cpu")]
     rates = _split(rate, n, "--rate")
+    try:
+        mems = [int(m) for m in _split(memory, n, "--memory")]
+    except ValueError:
+        raise click.BadParameter(f"whole MB, got {memory!r}", param_hint="--memory") from None
     name_list = _split(names, n, "--names") if names else [None] * n
-    specs = [PhoneSpec(name=nm, cpu=c, rate=r) for nm, c, r in zip(name_list, cpus, rates)]
+    specs = [PhoneSpec(name=nm, cpu=c, rate=r, memory_mb=m) for nm, c, r, m in zip(name_list, cpus, rates, mems)]
     the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name, subnet=subnet)
     phones = the_lab.up(specs)
     click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us, core)':<30} {'rate':<10} /data/local/tmp is")

@@ -33,14 +33,29 @@ import time
 
 
 def mem_available_kb() -> int | None:
+    """MemAvailable, or less when this process's memory cgroup (v1) has a lower limit: Android
+    limits apps with cgroups, and so does the phone lab."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1])
+                    available = int(line.split()[1])
     except OSError:
         pass
-    return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.strip().split(":", 2)[2] for line in f if line.split(":")[1] == "memory")
+        group = f"/sys/fs/cgroup/memory{path}"
+        with open(f"{group}/memory.limit_in_bytes") as f:
+            limit = int(f.read())
+        with open(f"{group}/memory.usage_in_bytes") as f:
+            free = (limit - int(f.read())) // 1024
+        if limit < 1 << 60 and (available is None or free < available):
+            available = max(free, 0)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return available
 
 
 def compute(model: str, threads: int, seconds: float, modes: list[dict]) -> dict:
