@@ -130,7 +130,7 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
     assert 0.2 <= slow / fast <= 0.3
     for d, spec in zip(profile.devices, SPECS):  # each phone's memory cgroup: its limit less what is in use
         print(f"{d.name}: {d.memory_mb} MB of its {spec.memory_mb} MB limit")
-        assert 0.8 * spec.memory_mb < d.memory_mb <= spec.memory_mb
+        assert spec.memory_mb - 150 < d.memory_mb <= spec.memory_mb
     rates = {p.name: p.rate_bps / 1e6 for p in lab.phones}
     assert len(profile.network.links) == 3
     for (a, b), link in profile.network.links.items():
