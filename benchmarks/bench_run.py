@@ -187,7 +187,7 @@ def segment_feeds(build: Path, reference: Unsplit, prompt: list[int], steps: int
     b = schema.open_build(build)
     continuation = reference.greedy(prompt, steps)
     trace = SplitRunner(build, threads=1).teacher_force(prompt, continuation)
-    graph = reference.feeds(np.array([continuation[-1:]], np.int64), {}, len(prompt) + steps - 1)
+    graph = reference.feeds(np.array([continuation[-1:]], np.int64), [{}], [len(prompt) + steps - 1])
     out = []
     for k, device in enumerate(b.devices):
         m = b.manifest(device)

@@ -25,9 +25,8 @@ FILE = "chat_template.jinja"
 
 def find_template(model_dir: Path) -> str | None:
     """The chat template beside a model: chat_template.jinja, tokenizer_config.json, or generation.json."""
-    for name in (FILE,):
-        if (model_dir / name).is_file():
-            return (model_dir / name).read_text()
+    if (model_dir / FILE).is_file():
+        return (model_dir / FILE).read_text()
     for name in ("tokenizer_config.json", "generation.json"):
         path = model_dir / name
         if path.is_file():

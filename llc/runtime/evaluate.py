@@ -63,9 +63,7 @@ def evaluate(build: Path, text: str = TEXT, fp32: Path | None = None) -> Quality
     if len(ids) < 2:
         raise LlcError(None, "the text has fewer than 2 tokens")
     ids = ids[:limit]
-    reference = Unsplit(Path(fp32), None) if fp32 else Unsplit(Path(plan.model.path), plan.model)
-    if not Path(reference.model.path).is_file():
-        raise LlcError(build / schema.PLAN, f"the fp32 model {reference.model.path} is gone; cannot compare")
+    reference = Unsplit(Path(fp32), None) if fp32 else Unsplit(Path(plan.model.path), plan.model)  # raises if the file is gone
     got = SplitRunner(build, threads=1).teacher_force(ids.tolist(), []).steps[0][plan.model.logits][0]
     want = reference.step(ids[None, :], {}, 0)[0][reference.model.logits][0]
     return Quality(weights=plan.model.weights if not fp32 else f"{plan.model.weights} (as given)",

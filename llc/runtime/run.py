@@ -181,7 +181,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         for r in results:
             r.text = tok.decode(r.tokens, skip_special_tokens=True)
         stage_stats = coord.stats()
-        summary = _summary(results, stage_stats, wall, started, schema.read(build_dir, schema.PLAN))
+        summary = _summary(results, stage_stats, wall, started, build.plan)
         if timeline_path:
             from llc.runtime.timeline import render_timeline
 

@@ -140,7 +140,7 @@ class SplitRunner:
 
     def batched_steps(self) -> int:
         """Decode runs at the head that held more than one request."""
-        return sum(1 for e in self.head.events if e[1] > 0 and e[4] == 1)
+        return sum(1 for rid, step, start, end, slot, rows in self.head.events if step > 0 and rows > 1 and slot == 0)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Every prompt at once through the pipeline; the tokens each one generated."""

@@ -71,9 +71,12 @@ class Unsplit:
         self.path = Path(path)
         self.names = [o.name for o in self.session.get_outputs()]
 
-    def feeds(self, tokens: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
-        """Inputs for ``tokens`` [1, S] after ``past_len`` cached ones (``past``: input name -> cache)."""
-        seq = tokens.shape[1]
+    def feeds(self, tokens: np.ndarray, pasts: list[dict[str, np.ndarray]], lens: list[int],
+              right: bool = False) -> dict[str, np.ndarray]:
+        """Inputs for ``tokens`` [B, S], row b after ``lens[b]`` cached tokens (``pasts[b]``: input name ->
+        cache, empty for none); rows of different lengths are padded as a head pads a batch."""
+        seq, width = tokens.shape[1], max(lens)
+        pads = tuple(width - n for n in lens)
         kv_axis = {k.past: k.seq_axis for k in self.model.kv}
         empty = {k.past: k.empty_shape for k in self.model.kv}
         feeds = {}
@@ -83,13 +86,16 @@ class Unsplit:
             if role == "input_ids":
                 feeds[i.name] = tokens.astype(dtype)
             elif role == "attention_mask":
-                feeds[i.name] = np.ones((1, past_len + seq), dtype=dtype)
+                feeds[i.name] = np.stack([mask_row(n, width, seq, dtype, right) for n in lens])
             elif role == "position_ids":
-                feeds[i.name] = np.arange(past_len, past_len + seq, dtype=dtype)[None, :]
-            elif role == "kv":
-                feeds[i.name] = past.get(i.name, np.zeros(empty[i.name] or [
+                feeds[i.name] = np.stack([np.arange(n, n + seq, dtype=dtype) for n in lens])
+            elif role == "kv" and not pasts[0]:
+                feeds[i.name] = np.zeros(empty[i.name] or [
                     0 if a == kv_axis[i.name] else (d if isinstance(d, int) else 1) for a, d in enumerate(i.shape)],
-                    dtype=dtype))
+                    dtype=dtype)
+            elif role == "kv":
+                caches = [p[i.name] for p in pasts]
+                feeds[i.name] = caches[0] if pads == (0,) else pad_stack(caches, kv_axis[i.name], width, pads, right)
             else:
                 raise LlcError(None, f"do not know how to feed model input {i.name}")
         return feeds
@@ -97,7 +103,7 @@ class Unsplit:
     def step(self, tokens: np.ndarray, past: dict[str, np.ndarray], past_len: int
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """All outputs for one step, and the cache for the next (input name -> present)."""
-        out = dict(zip(self.names, self.session.run(None, self.feeds(tokens, past, past_len))))
+        out = dict(zip(self.names, self.session.run(None, self.feeds(tokens, [past], [past_len]))))
         return out, {k.past: out[k.present] for k in self.model.kv}
 
     def pads_right(self) -> bool:
@@ -111,21 +117,9 @@ class Unsplit:
     def batch_step(self, tokens: list[int], pasts: list[dict[str, np.ndarray]], lens: list[int], right: bool
                    ) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
         """One decode step of several requests as one padded batch, as a head pads it: logits, caches."""
-        width = max(lens)
-        pads = tuple(width - n for n in lens)
-        kv_axis = {k.past: k.seq_axis for k in self.model.kv}
-        feeds = {}
-        for i in self.session.get_inputs():
-            role, dtype = self.model.input_roles.get(i.name), np.dtype(ORT_TYPES[i.type])
-            if role == "input_ids":
-                feeds[i.name] = np.array([[t] for t in tokens], dtype=dtype)
-            elif role == "attention_mask":
-                feeds[i.name] = np.stack([mask_row(n, width, 1, dtype, right) for n in lens])
-            elif role == "position_ids":
-                feeds[i.name] = np.array([[n] for n in lens], dtype=dtype)
-            else:
-                feeds[i.name] = pad_stack([p[i.name] for p in pasts], kv_axis[i.name], width, pads, right)
-        out = dict(zip(self.names, self.session.run(None, feeds)))
+        pads = [max(lens) - n for n in lens]
+        out = dict(zip(self.names, self.session.run(None, self.feeds(np.array([[t] for t in tokens]), pasts,
+                                                                     lens, right))))
         caches = [{k.past: unpad(out[k.present], row, k.seq_axis, pads[row], right) for k in self.model.kv}
                   for row in range(len(tokens))]
         return out[self.model.logits], caches

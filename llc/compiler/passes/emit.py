@@ -34,7 +34,6 @@ from llc.compiler.segment import sha256_file, write_segment
 from llc.compiler.state import CompileState, TensorInfo, tensor_nbytes
 from llc.runtime import chat
 from llc.runtime import device as device_package
-from llc.runtime.chat import find_template
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 RUNTIME_DIR = Path(device_package.__file__).parent
@@ -150,7 +149,7 @@ class Emit:
             )
             schema.write_manifest(folder / "manifest.json", manifest.check(s.device))
 
-        doc = plan_doc(state, vocab)
+        doc = plan_doc(state, vocab, max_batch)
         schema.write(root, schema.PLAN, doc)
         schema.write(root, schema.COORDINATOR, schema.CoordinatorDoc(
             format=schema.FORMAT, build_id=layout.build_id, public=layout.coordinator_public,
@@ -163,7 +162,7 @@ class Emit:
             src = state.source.parent / extra
             if src.is_file():
                 shutil.copyfile(src, root / extra)
-        template = find_template(state.source.parent)
+        template = chat.find_template(state.source.parent)
         if template is not None:  # llc serve and llc run --chat lay conversations out with it
             (root / chat.FILE).write_text(template)
         (root / "report.html").write_text(render_report(doc, templates_env()))
@@ -203,14 +202,14 @@ def batching(state: CompileState) -> tuple[int, str | None]:
     return 1, None
 
 
-def batched(state: CompileState) -> tuple[float | None, int]:
+def batched(state: CompileState, max_batch: int) -> tuple[float | None, int]:
     """The plan's tokens/s with the workload's requests in flight, batched as the build batches."""
     if state.profile is None:
         return None, 1
     t = build_tables(state.blocks, state.profile, state.workload)
     index = {d.name: i for i, d in enumerate(t.devices)}
     split = Split(tuple((index[s.device], s.first_block, s.last_block) for s in state.plan.stages))
-    tps, group = batched_tokens_per_s(t, split, state.workload.requests_in_flight, batching(state)[0])
+    tps, group = batched_tokens_per_s(t, split, state.workload.requests_in_flight, max_batch)
     return round(tps, 3), group
 
 
@@ -226,7 +225,7 @@ def max_message_bytes(state: CompileState, inputs: tuple[str, ...]) -> int:
     return int(min(max(16 * MIB, 2 * at_prompt * scale + MIB), 2**31 - 1))
 
 
-def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
+def plan_doc(state: CompileState, vocab: int | None, max_batch: int) -> schema.PlanDoc:
     """plan.json: what the build was made from, stages in order, the comm map, predicted costs."""
     plan, blocks, sig = state.plan, state.blocks, state.signature
     names = [s.device for s in plan.stages]
@@ -242,13 +241,13 @@ def plan_doc(state: CompileState, vocab: int | None) -> schema.PlanDoc:
         profile=str(state.profile.path),
         workload=schema.WorkloadDoc(wl.prompt_tokens, wl.max_context, wl.requests_in_flight, wl.objective,
                                     wl.memory_safety, wl.runtime_overhead_mb, wl.stages,
-                                    batching(state)[0]),
+                                    max_batch),
         objective=plan.objective, split=plan.split,
         predicted=schema.Predicted(
             round(plan.decode_ms, 4), round(plan.prefill_ms, 4), round(plan.bottleneck_ms, 4),
             round(1000 / plan.decode_ms, 3) if plan.decode_ms else None,
             round(1000 / plan.bottleneck_ms, 3) if plan.bottleneck_ms else None,
-            *batched(state)),
+            *batched(state, max_batch)),
         blocks=tuple(schema.BlockDoc(b.index, b.label, b.kind, len(b.nodes), round(b.flops_decode / 1e9, 6),
                                      round(b.flops_prefill / 1e9, 6), b.weight_bytes, b.kv_bytes) for b in blocks),
         stages=tuple(schema.StageDoc(

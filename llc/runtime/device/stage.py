@@ -98,6 +98,11 @@ class Job:
     tokens: int = 0  # new tokens per row (the head knows; a later stage reads it off its presents)
 
     @property
+    def padded(self) -> bool:
+        """Several rows, or one with padding: caches go in stacked and come out sliced."""
+        return len(self.rows) > 1 or self.pads != (0,)
+
+    @property
     def rid(self) -> int:
         return self.rows[0][0]
 
@@ -132,6 +137,7 @@ class Stage:
         self.send_raw = send
         self.clock = clock
         self.kv_inputs = [i for i in m.inputs if i.source == "kv"]
+        self.right = m.batch_padding == "right"  # GroupQueryAttention: shorter caches padded after
         self.graph_inputs = [(g.name, g.role, np.dtype(g.dtype)) for g in m.graph_inputs] if m.is_head else []
         # what must arrive over the network before a step can run
         self.awaited = {i.name for i in m.inputs if i.source == "stage"}
@@ -410,7 +416,7 @@ class Stage:
             if role == "input_ids":
                 built[name] = np.array(ids, dtype=dtype)
             elif role == "attention_mask":
-                built[name] = np.stack([mask_row(r.past, width, n, dtype, self.m.batch_padding == "right")
+                built[name] = np.stack([mask_row(r.past, width, n, dtype, self.right)
                                         for r in batch])
             else:
                 built[name] = np.stack([np.arange(r.past, r.past + n, dtype=dtype) for r in batch])
@@ -456,11 +462,11 @@ class Stage:
         for i in self.kv_inputs:
             if job.step == 0:
                 feeds[i.name] = empty_cache(i)
-            elif len(batch) == 1 and job.pads == (0,):
+            elif not job.padded:
                 feeds[i.name] = batch[0].kv[i.name]
             else:
                 feeds[i.name] = pad_stack([r.kv[i.name] if r else empty_cache(i) for r in batch], i.seq_axis,
-                                          job.width, job.pads, self.m.batch_padding == "right")
+                                          job.width, job.pads, self.right)
         return feeds
 
     def run(self, job: Job) -> StepResult:
@@ -504,16 +510,14 @@ class Stage:
         end = time.time()
         for slot, (rid, step) in enumerate(job.rows):
             self.events.append((rid, step, end - result.ms / 1000.0, end, slot, len(job.rows)))
-        right = self.m.batch_padding == "right"
         for i, req in rows:
             for k in self.kv_inputs:
                 present = outputs[k.present]
-                req.kv[k.name] = present if len(job.rows) == 1 and job.pads == (0,) else \
-                    unpad(present, i, k.seq_axis, job.pads[i], right)
+                req.kv[k.name] = unpad(present, i, k.seq_axis, job.pads[i], self.right) if job.padded else present
             req.past += job.tokens or (present_tokens(job, outputs, self.kv_inputs) if self.kv_inputs else 0)
         produced = {**job.feeds, **job.built, **outputs}
-        first = rows[0][1] if rows else None
-        extra = {"params": first.params.to_dict()} if job.step == 0 and first and first.params else {}
+        first = rows[0][1]
+        extra = {"params": first.params.to_dict()} if job.step == 0 and first.params else {}
         for s in self.m.sends:
             self._send(s.to, protocol.pack(TENSORS, [(t, produced[t]) for t in s.tensors],
                                            rids=[r for r, _ in job.rows], steps=[k for _, k in job.rows],
