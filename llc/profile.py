@@ -299,7 +299,7 @@ def load_profile(path: str | Path) -> Profile:
         runtime_overhead_mb=r.number(wm, "runtime_overhead_mb", "workload",
                                      d.runtime_overhead_mb, positive=False, minimum=0),
         stages=r.number(wm, "stages", "workload", 0, integer=True, positive=False) or None,
-        max_batch=r.number(wm, "max_batch", "workload", 0, integer=True, positive=False) or None,
+        max_batch=r.number(wm, "max_batch", "workload", 0, integer=True) or None,  # 0: not given
     )
     if workload.stages is not None and not 1 <= workload.stages <= len(devices):
         raise r.fail(wm.lines.get("stages", wm.line), "workload.stages",
