@@ -150,9 +150,10 @@ def print_plan(build: Path) -> None:
 @one_line_errors
 def verify(build: Path, tolerance: float, prompt_len: int) -> None:
     """Check the split stages against the unsplit model, numerically."""
+    from llc.progress import to_stderr
     from llc.runtime.verify import verify_build
 
-    diffs = verify_build(build, prompt_len=prompt_len)
+    diffs = verify_build(build, prompt_len=prompt_len, say=to_stderr)
     worst = max((d for d in diffs if d.checked), key=lambda d: d.max_abs_diff)
     logits_name = schema.read(build, schema.PLAN).model.logits
     for step in ("prefill", "decode"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import onnx
@@ -34,6 +33,7 @@ from llc.compiler.pipeline import PassManager
 from llc.compiler.segment import sha256_file
 from llc.compiler.state import CompileState
 from llc.errors import LlcError
+from llc.progress import to_stderr
 from llc.profile import Profile, Workload
 
 # one explicit registry: name -> pass class (a test checks each key is the pass's own name)
@@ -101,9 +101,10 @@ def compile_model(model: Path, profile: Profile, out_dir: Path, *, workload: Wor
     """Compile ``model`` for ``profile`` into ``out_dir``; ``state.up_to_date`` if nothing had to change."""
     workload = workload or profile.workload
     eos = eos_token_ids if eos_token_ids is not None else eos_ids_beside(Path(model))
-    progress = None if quiet else (lambda m: print(f"llc: {m}", file=sys.stderr, flush=True))
+    progress = None if quiet else to_stderr
     passes = analysis_passes(simplify, granularity, weights) + [
-        Partition(split=split), CommMap(), LayoutPass(), Split(), Emit(out_dir=Path(out_dir), eos_token_ids=eos)]
+        Partition(split=split), CommMap(), LayoutPass(), Split(),
+        Emit(out_dir=Path(out_dir), eos_token_ids=eos, progress=progress)]
     pm = PassManager(passes=passes, dump_after=set(dump_after), dump_dir=Path(out_dir).resolve().parent,
                      progress=progress)
     state = new_state(model, profile, workload)

@@ -2,15 +2,16 @@
 
 Why: onnxsim and weight quantization take seconds to minutes on a real model,
 and a re-compile for another profile or option should not pay them again.
-A cached model is written to a temporary folder and renamed into place, so a
-crash never leaves half an entry, and it is read back lazily: its weights stay
-on disk as external data until emit streams them into the segments.
+An entry is written to a temporary folder and renamed into place, so a crash
+never leaves half an entry, and it is read back lazily: weights stay on disk as
+external data until emit streams them into the segments.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -25,36 +26,37 @@ def key_of(*parts: object) -> str:
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
-def loaded_full(model: onnx.ModelProto, data_dir: Path) -> onnx.ModelProto:
-    """A copy of ``model`` with its external weights read into memory (what onnxsim and quantizers need)."""
-    full = onnx.ModelProto()
-    full.CopyFrom(model)
-    onnx.load_external_data_for_model(full, str(data_dir))
-    return full
+def cached_entry(kind: str, key: str, write: Callable[[Path], bool]) -> tuple[onnx.ModelProto, Path] | None:
+    """The model cached as ``kind/key`` (lazily loaded) and its folder.
 
-
-def cached_model(kind: str, key: str, make: Callable[[], onnx.ModelProto | None]
-                 ) -> tuple[onnx.ModelProto, Path] | None:
-    """The model cached as ``kind/key`` (lazily loaded) and its folder, made by ``make`` if missing.
-
-    ``make`` returning None means "no result" (nothing is cached, None is returned).
+    If missing, ``write(folder)`` fills a fresh folder with ``model.onnx`` and
+    whatever data it points to; it returns False for "no result" (nothing is cached, None is returned).
     """
     path = cache_root() / kind / key / "model.onnx"
     if not path.is_file():
-        made = make()
-        if made is None:
-            return None
-        save(made, path)
+        tmp = path.parent.with_name(path.parent.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            if not write(tmp):
+                return None
+            try:
+                tmp.rename(path.parent)
+            except OSError:  # another compile filled the entry first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return onnx.load(str(path), load_external_data=False), path.parent
 
 
-def save(model: onnx.ModelProto, target: Path) -> None:
-    """Write to a temporary folder and rename (another compile may fill the entry first)."""
-    tmp = target.parent.with_name(target.parent.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(tmp / target.name), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=target.name + ".data", size_threshold=1024)
-    try:
-        tmp.rename(target.parent)
-    except OSError:
-        pass
+def cached_graph(kind: str, key: str, make: Callable[[], onnx.ModelProto | None]) -> onnx.ModelProto | None:
+    """A graph without weights (simplify's), cached in one file; ``make`` returning None: no result."""
+
+    def write(folder: Path) -> bool:
+        made = make()
+        if made is not None:
+            onnx.save(made, str(folder / "model.onnx"))
+        return made is not None
+
+    got = cached_entry(kind, key, write)
+    return None if got is None else got[0]

@@ -9,8 +9,11 @@ tensor, so the model is never held twice in memory.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnx import TensorProto, helper
@@ -20,6 +23,7 @@ from llc.compiler.state import TensorInfo, external_location, node_inputs
 
 ALIGN = 64  # bytes; keeps every tensor aligned for mmap-friendly loading
 INLINE_LIMIT = 1024  # tensors smaller than this stay inside the .onnx file
+CHUNK = 16 << 20  # bytes copied at a time
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,12 @@ def _value_info(name: str, info: TensorInfo | None, fallback: TensorInfo | None)
 
 def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeProto], io: SegmentIO,
                   tensors: dict[str, TensorInfo], fallback: dict[str, TensorInfo],
-                  target: Path, name: str) -> dict[str, str]:
-    """Write ``target`` (+ ``target.data`` if it has large weights); return {file: sha256}."""
-    g = model.graph
-    used = {t for n in nodes for t in node_inputs(n)}
-    inits = [t for t in g.initializer if t.name in used]
+                  target: Path, name: str, progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Write ``target`` (+ ``target.data`` if it has large weights); return {file: sha256}.
+
+    ``progress`` is told the bytes of each chunk of weights written.
+    """
+    inits = _initializers(model, nodes)
     graph = helper.make_graph(
         nodes=nodes,
         name=name,
@@ -88,54 +93,113 @@ def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeP
     )
     data_name = target.name + ".data"
     data_path = target.with_name(data_name)
-    offset = 0
     sources: dict[str, object] = {}
-    with open(data_path, "wb") as out:
+    with open(data_path, "wb") as f:
+        out = HashingWriter(f)
         for t in inits:
-            copy = TensorProto()
-            copy.CopyFrom(t)
-            raw = _tensor_bytes(t, data_dir, sources)
-            if raw is not None and len(raw) >= INLINE_LIMIT:
-                pad = (-offset) % ALIGN
-                out.write(b"\0" * pad)
-                offset += pad
-                out.write(raw)
-                copy.ClearField("raw_data")
-                copy.ClearField("external_data")
-                copy.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = copy.external_data.add()
-                    entry.key, entry.value = k, v
-                offset += len(raw)
-            elif raw is not None:
-                copy.ClearField("external_data")
-                copy.data_location = TensorProto.DEFAULT
-                copy.raw_data = raw
-            graph.initializer.append(copy)
-    for f in sources.values():
-        f.close()
+            graph.initializer.append(append_tensor(t, data_dir, sources, out, data_name, progress))
+    for src in sources.values():
+        src.close()
     seg = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="llc")
     seg.ir_version = model.ir_version
     seg.functions.extend(model.functions)
     target.write_bytes(seg.SerializeToString(deterministic=True))
     files = {target.name: sha256_file(target)}
-    if offset:
-        files[data_name] = sha256_file(data_path)
+    if out.offset:
+        files[data_name] = out.sha256.hexdigest()
     else:
         data_path.unlink()
     return files
 
 
-def _tensor_bytes(t: TensorProto, data_dir: Path, sources: dict) -> bytes | None:
-    """The tensor's raw little-endian bytes, from the external file or the proto."""
+class HashingWriter:
+    """A file being written, its length so far and its sha256 (so a written file is never read back)."""
+
+    def __init__(self, f):
+        self.f, self.offset, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, data) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
+        self.offset += len(data)
+
+
+def _initializers(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[TensorProto]:
+    used = {t for n in nodes for t in node_inputs(n)}
+    return [t for t in model.graph.initializer if t.name in used]
+
+
+def segment_weight_bytes(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeProto]) -> int:
+    """Bytes of the weights a segment of ``nodes`` carries in its data file (what emit writes for it)."""
+    sizes = (tensor_size(t, data_dir) or 0 for t in _initializers(model, nodes))
+    return sum(n for n in sizes if n >= INLINE_LIMIT)
+
+
+def append_tensor(t: TensorProto, data_dir: Path, sources: dict, out: HashingWriter, location: str,
+                  progress: Callable[[int], None] | None = None) -> TensorProto:
+    """``t`` for a model whose data file ``location`` is being written to ``out``.
+
+    Its bytes (read from ``data_dir`` or the proto) are appended, aligned, when
+    at least INLINE_LIMIT; smaller ones go inside the proto; typed fields stay as they are.
+    """
+    size = tensor_size(t, data_dir)
+    if size is None:
+        return t
+    ref = TensorProto()
+    ref.name, ref.data_type = t.name, t.data_type
+    ref.dims.extend(t.dims)
+    if size < INLINE_LIMIT:
+        ref.raw_data = t.raw_data if external_location(t) is None else read_small(t, data_dir)
+        return ref
+    out.write(b"\0" * ((-out.offset) % ALIGN))
+    offset = out.offset
+    copy_tensor(t, data_dir, sources, out, progress)
+    ref.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(size))):
+        entry = ref.external_data.add()
+        entry.key, entry.value = k, v
+    return ref
+
+
+def tensor_size(t: TensorProto, data_dir: Path) -> int | None:
+    """Bytes of the tensor's raw data; None for typed fields (float_data, int64_data...: small)."""
     loc = external_location(t)
     if loc is not None:
         name, offset, length = loc
-        f = sources.get(name)
-        if f is None:
-            f = sources[name] = open(data_dir / name, "rb")
-        f.seek(offset)
-        return f.read(length) if length >= 0 else f.read()
-    if t.HasField("raw_data"):
+        return length if length >= 0 else os.path.getsize(data_dir / name) - offset
+    return len(t.raw_data) if t.HasField("raw_data") else None
+
+
+def copy_tensor(t: TensorProto, data_dir: Path, sources: dict, out: HashingWriter,
+                 progress: Callable[[int], None] | None) -> None:
+    """Stream the tensor's bytes into ``out`` a chunk at a time: a 400 MB embedding never sits in memory."""
+    loc = external_location(t)
+    if loc is None:
+        out.write(t.raw_data)
+        if progress:
+            progress(len(t.raw_data))
+        return
+    name, offset, _ = loc
+    f = sources.get(name)
+    if f is None:
+        f = sources[name] = open(data_dir / name, "rb")
+    f.seek(offset)
+    left = tensor_size(t, data_dir)
+    while left:
+        chunk = f.read(min(left, CHUNK))
+        if not chunk:
+            raise OSError(f"{data_dir / name} ends inside tensor {t.name}")
+        out.write(chunk)
+        left -= len(chunk)
+        if progress:
+            progress(len(chunk))
+
+
+def read_small(t: TensorProto, data_dir: Path) -> bytes:
+    loc = external_location(t)
+    if loc is None:
         return t.raw_data
-    return None  # typed fields (float_data, int64_data...): small, kept in the proto
+    name, offset, _ = loc
+    with open(data_dir / name, "rb") as f:
+        f.seek(offset)
+        return f.read(tensor_size(t, data_dir))

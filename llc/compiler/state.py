@@ -258,3 +258,53 @@ def external_location(t: TensorProto) -> tuple[str, int, int] | None:
         return None
     kv = {e.key: e.value for e in t.external_data}
     return kv["location"], int(kv.get("offset", 0)), int(kv.get("length", -1))
+
+
+BIG_INITIALIZER = 4096  # bytes; smaller initializers may be shape constants that inference and folding need
+
+
+def is_weight(t: TensorProto) -> bool:
+    """A weight: stored outside the file, or more than a few KB inside it."""
+    return t.data_location == TensorProto.EXTERNAL or (t.HasField("raw_data") and len(t.raw_data) > BIG_INITIALIZER)
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its weights as typed graph inputs of the same names (no weight bytes copied).
+
+    Why: shape inference and onnxsim need the graph and its shape constants,
+    not gigabytes of weights; the protobuf of a model with its weights cannot
+    pass 2 GB, and holding them would make a compile's memory grow with the model.
+    """
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g, src = out.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if not is_weight(t):
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def with_weights(graph: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` (made from ``weightless_copy(source)``) with ``source``'s weights back as initializers.
+
+    Weights keep their protos: an external one still points into the source's
+    data file, so nothing is read or copied. Weights the graph no longer uses are dropped.
+    """
+    weights = [t for t in source.graph.initializer if is_weight(t)]
+    names = {t.name for t in weights}
+    declared = {i.name for i in source.graph.input}
+    used = {name for node in graph.graph.node for name in node_inputs(node)} | {o.name for o in graph.graph.output}
+    inputs = [i for i in graph.graph.input if i.name not in names or i.name in declared]
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
+    graph.graph.initializer.extend(t for t in weights if t.name in used)
+    return graph

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from llc.bundle import schema
 from llc.errors import LlcError
+from llc.progress import WORTH_SAYING
 from llc.runtime.device.stage import mask_row, pad_stack, unpad
 from llc.runtime.splitrun import SplitRunner
 
@@ -137,35 +139,48 @@ class Unsplit:
         return out
 
 
-def verify_build(build: Path, prompt_len: int = 7, seed: int = 0) -> list[OutputDiff]:
+def verify_build(build: Path, prompt_len: int = 7, seed: int = 0,
+                 say: Callable[[str], None] | None = None) -> list[OutputDiff]:
+    """Every graph output of the split build against the unsplit model, at a prefill and a decode step.
+
+    The unsplit model runs first and is dropped before the stages load, so
+    verify holds one copy of the model's weights at a time, not two.
+    """
     plan = schema.read(build, schema.PLAN)
     model = Path(plan.model.unsplit)
     if not model.is_file():
         raise LlcError(build / schema.PLAN, f"the unsplit model {model} is gone; cannot compare "
                                             f"(`llc compile --force` makes it again)")
+    if say is None or sum(f.stat().st_size for f in build.glob("devices/*/segment.onnx*")) < WORTH_SAYING:
+        say = lambda line: None  # noqa: E731  (a small model verifies in a second or two)
+    say(f"verify: the unsplit model {model.name} on random tokens")
     full = Unsplit(model, plan.model)
     rng = np.random.default_rng(seed)
     vocab = plan.model.vocab_size or 32
     prompt = rng.integers(0, vocab, (1, prompt_len)).astype(np.int64)
     nxt = rng.integers(0, vocab, (1, 1)).astype(np.int64)
-    trace = SplitRunner(build, threads=1).teacher_force(prompt[0].tolist(), nxt[0].tolist())
-
-    diffs: list[OutputDiff] = []
+    refs: list[dict[str, np.ndarray]] = []
     past: dict[str, np.ndarray] = {}
-    for step, (label, tokens) in enumerate((("prefill", prompt), ("decode", nxt))):
+    for step, tokens in enumerate((prompt, nxt)):
         ref, past = full.step(tokens, past, 0 if step == 0 else prompt_len)
+        refs.append(ref)
+    names, logits = full.names, plan.model.logits
+    max_batch = schema.read_manifest(build / plan.stages[0].manifest).max_batch
+    batch = batched_refs(full, rng, vocab, logits, (5, 2, 9)[:max_batch]) if max_batch > 1 else None
+    del full, past
+
+    say(f"verify: the {len(plan.stages)} stage(s) on the same tokens")
+    runner = SplitRunner(build, threads=1)
+    trace = runner.teacher_force(prompt[0].tolist(), nxt[0].tolist())
+    diffs: list[OutputDiff] = []
+    for step, label in enumerate(("prefill", "decode")):
         got = trace.steps[step]
-        for name in full.names:
+        for name in names:
             if name not in got:
                 raise LlcError(build, f"verify: no stage produces graph output {name}")
-            if got[name].shape != ref[name].shape:
-                diffs.append(OutputDiff(label, name, float("inf")))
-                continue
-            diffs.append(OutputDiff(label, name, max_diff(ref[name], got[name])))
-    max_batch = schema.read_manifest(build / plan.stages[0].manifest).max_batch
-    if max_batch > 1:
-        diffs += batched_diffs(build, full, rng, vocab, plan.model.logits, full.pads_right(),
-                               (5, 2, 9)[:max_batch])
+            diffs.append(OutputDiff(label, name, max_diff(refs[step][name], got[name])))
+    if batch is not None:
+        diffs += batched_diffs(build, runner, batch, logits)
     return diffs
 
 
@@ -175,31 +190,52 @@ def max_diff(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
 
 
-def batched_diffs(build: Path, full: Unsplit, rng: np.random.Generator, vocab: int, logits: str, right: bool,
-                  lengths: tuple[int, ...] = (5, 2, 9), steps: int = 3) -> list[OutputDiff]:
-    """Requests of different lengths decoded as one batch: each row against the unsplit model's row
-    of the same batch (checked), and against the request run alone (reported)."""
+@dataclass
+class BatchedRefs:
+    """What the unsplit model gave for requests of different lengths: each alone, and as one padded batch."""
+
+    prompts: list[list[int]]
+    continuations: list[list[int]]
+    alone: list[list[np.ndarray]]  # request -> decode step -> logits
+    batched: list[np.ndarray]  # decode step -> logits [rows, 1, vocab]
+
+
+def batched_refs(full: Unsplit, rng: np.random.Generator, vocab: int, logits: str,
+                 lengths: tuple[int, ...], steps: int = 3) -> BatchedRefs:
     prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
     nexts = [rng.integers(0, vocab, steps).tolist() for _ in lengths]
-    runner = SplitRunner(build, threads=1)
-    traces = runner.teacher_force_many(prompts, nexts)
-    if runner.batched_steps() < steps:
-        raise LlcError(build, "verify: the build batches decode steps, but the head never ran a batch")
-    batched = alone = 0.0
-    caches, lens = [], []
-    for prompt, continuation, trace in zip(prompts, nexts, traces):
-        past, n = {}, 0
+    right = full.pads_right()
+    alone, caches, lens = [], [], []
+    for prompt, continuation in zip(prompts, nexts):
+        past, n, rows = {}, 0, []
         for step, tokens in enumerate([prompt] + [[t] for t in continuation]):
             ref, past = full.step(np.array([tokens], np.int64), past, n)
             n += len(tokens)
             if step:
-                alone = max(alone, max_diff(ref[logits], trace.steps[step][logits]))
+                rows.append(ref[logits])
             else:
                 caches.append(past)
                 lens.append(n)
-    for step in range(1, steps + 1):
-        ref, caches = full.batch_step([c[step - 1] for c in nexts], caches, lens, right)
+        alone.append(rows)
+    batched = []
+    for step in range(steps):
+        ref, caches = full.batch_step([c[step] for c in nexts], caches, lens, right)
         lens = [n + 1 for n in lens]
-        for row, trace in enumerate(traces):
-            batched = max(batched, max_diff(ref[row:row + 1], trace.steps[step][logits]))
+        batched.append(ref)
+    return BatchedRefs(prompts, nexts, alone, batched)
+
+
+def batched_diffs(build: Path, runner: SplitRunner, refs: BatchedRefs, logits: str) -> list[OutputDiff]:
+    """The split build decoding the requests together: each row against the unsplit model's row
+    of the same batch (checked), and against the request run alone (reported)."""
+    traces = runner.teacher_force_many(refs.prompts, refs.continuations)
+    steps = len(refs.batched)
+    if runner.batched_steps() < steps:
+        raise LlcError(build, "verify: the build batches decode steps, but the head never ran a batch")
+    batched = alone = 0.0
+    for row, trace in enumerate(traces):
+        for step in range(1, steps + 1):
+            got = trace.steps[step][logits]
+            alone = max(alone, max_diff(refs.alone[row][step - 1], got))
+            batched = max(batched, max_diff(refs.batched[step - 1][row:row + 1], got))
     return [OutputDiff("batched decode", logits, batched), OutputDiff("batched vs alone", logits, alone, False)]

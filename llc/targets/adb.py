@@ -32,10 +32,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from llc.bundle import schema
 from llc.bundle.schema import DeviceDeploy
 from llc.errors import LlcError
+from llc.progress import Progress
 from llc.runtime.coordinator import DeviceFailure, wait_ready
 from llc.runtime.device.manifest import sha256_file
 from llc.targets.base import TargetError
@@ -215,12 +217,17 @@ def remote_hashes(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> 
     return hashes
 
 
-def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str) -> Pushed:
-    """Make remote_dir hold exactly these files' bytes: push the ones whose sha256 differs, verify."""
+def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
+         say: Callable[[str], None] | None = None) -> Pushed:
+    """Make remote_dir hold exactly these files' bytes: push the ones whose sha256 differs, verify.
+
+    ``say`` hears the MB pushed of the MB to push, file by file (a segment's weights are one file).
+    """
     want = {name: sha256_file(path) for name, path in local.items()}
     have = remote_hashes(adb, phone, remote_dir, sorted(want))
     todo = [n for n in sorted(want) if have.get(n) != want[n]]
     pushed = Pushed()
+    progress = Progress(f"{phone.name}: pushed", sum(local[n].stat().st_size for n in todo), say=say)
     if todo:
         dirs = sorted({remote_dir} | {f"{remote_dir}/{Path(n).parent.as_posix()}" for n in todo if "/" in n})
         adb.shell(phone.serial, "mkdir -p " + " ".join(shlex.quote(d) for d in dirs), device=phone.name)
@@ -236,6 +243,7 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str) -> Pus
             raise TargetError(phone.name, f"adb push {name} to {phone.serial} failed: {_last(text)}")
         pushed.files.append(name)
         pushed.bytes += size
+        progress.add(size)
     if todo:
         have = remote_hashes(adb, phone, remote_dir, sorted(want))
         bad = [n for n in sorted(want) if have.get(n) != want[n]]
@@ -259,8 +267,9 @@ class AdbTarget:
     name = "adb"
 
     def __init__(self, adb: Adb | None = None, ready_timeout: float = 60.0, health_every: float = 2.0,
-                 python: str = "python3"):
+                 python: str = "python3", say: Callable[[str], None] | None = None):
         self.adb = adb or Adb(os.environ.get("ADB_SERVER_SOCKET"))
+        self.say = say  # progress lines (MB pushed per device)
         self.ready_timeout = ready_timeout
         self.health_every = health_every  # seconds between launcher checks (each is one adb shell per phone)
         self.python = python
@@ -347,7 +356,7 @@ class AdbTarget:
             raise TargetError(phone.name, f"no bundle at {folder} (run.sh or manifest.json missing)")
         if not self._running(phone):
             check_runtime(self.adb, phone, self.python)  # a running launcher proves the runtime works
-        return sync(self.adb, phone, files, self.remote_dir)
+        return sync(self.adb, phone, files, self.remote_dir, self.say)
 
     def _running(self, phone: Phone) -> bool:
         out = self.adb.shell(phone.serial, SH_LIB + f"alive {shlex.quote(self.remote_dir)}/launcher.pid "

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from llc.errors import one_line_errors
+from llc.progress import to_stderr
 from llc.runtime.coordinator import Coordinator
 from llc.runtime.device.protocol import PING, PONG
 from llc.targets.adb import AdbTarget, adb_for_build
@@ -42,7 +43,7 @@ def _target(build: Path, adb_port: int | None, devices: list[str] | None = None)
 @one_line_errors
 def deploy(build: Path, adb_port: int | None, timeout: float) -> None:
     """Push BUILD's bundles to its adb devices and start them (`llc run BUILD` then attaches)."""
-    target = AdbTarget(adb_for_build(build, adb_port), ready_timeout=timeout)
+    target = AdbTarget(adb_for_build(build, adb_port), ready_timeout=timeout, say=to_stderr)
     t0 = time.monotonic()
     try:
         results = target.deploy(build)

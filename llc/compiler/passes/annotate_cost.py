@@ -20,37 +20,15 @@ import onnx
 from onnx import TensorProto
 
 from llc.errors import LlcError
-from llc.compiler.state import CompileState, NodeCost, Signature, TensorInfo, tensor_nbytes, value_infos
+from llc.compiler.state import (CompileState, NodeCost, Signature, TensorInfo, tensor_nbytes, value_infos,
+                               weightless_copy)
 
-BIG_INITIALIZER = 4096  # bytes; smaller ones may hold shape constants shape inference needs
 ELEMENTWISE_FLOPS = {"Softmax": 5, "Erf": 8, "Tanh": 6, "Sigmoid": 4, "Pow": 2, "Sqrt": 2,
                      "ReduceMean": 1, "LayerNormalization": 8, "SimplifiedLayerNormalization": 6,
                      "Gelu": 8, "FastGelu": 8, "Exp": 4, "Div": 1, "Cos": 4, "Sin": 4}
 MOVEMENT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Shape", "Concat",
                 "Slice", "Gather", "Expand", "Cast", "Constant", "ConstantOfShape", "Split",
                 "Flatten", "Range", "Size"}
-
-
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with large initializers turned into typed graph inputs (no bytes copied)."""
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    g = out.graph
-    src = model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    for t in src.initializer:
-        size = len(t.raw_data) if t.HasField("raw_data") else 0
-        external = t.data_location == TensorProto.EXTERNAL
-        if external or size > BIG_INITIALIZER:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            g.initializer.append(t)
-    return out
 
 
 def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int,

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import jinja2
 
@@ -30,8 +30,9 @@ from llc.compiler.costmodel import Split, batched_tokens_per_s, build_tables
 from llc.compiler.passes.comm_map import link_bytes
 from llc.compiler.passes.layout import build_inputs
 from llc.compiler.report import render_report
-from llc.compiler.segment import sha256_file, write_segment
+from llc.compiler.segment import segment_weight_bytes, sha256_file, write_segment
 from llc.compiler.state import CompileState, TensorInfo, tensor_nbytes
+from llc.progress import Progress
 from llc.runtime import chat
 from llc.runtime import device as device_package
 
@@ -61,6 +62,7 @@ class Emit:
     name: ClassVar[str] = "emit"
     out_dir: Path = Path("build")
     eos_token_ids: tuple[int, ...] = ()
+    progress: Callable[[str], None] | None = None  # a line now and then while weights are written
 
     def run(self, state: CompileState) -> CompileState:
         out = self.out_dir.resolve()
@@ -94,12 +96,15 @@ class Emit:
         if max_batch == 1 and min(state.workload.max_batch or 2, state.workload.requests_in_flight) > 1:
             state.notes.append("decode steps run one request at a time: the model has no position_ids input, "
                                "or mixes GroupQueryAttention with other caches, or a fixed batch size")
+        written = Progress("emit: weights written", sum(
+            segment_weight_bytes(state.model, state.data_dir, [g.node[i] for i in seg.nodes])
+            for seg in state.segments), say=self.progress)
         for s, seg in zip(plan.stages, state.segments):
             folder = root / "devices" / s.device
             (folder / device_package.PACKAGE).mkdir(parents=True)
             files = write_segment(state.model, state.data_dir, [g.node[i] for i in seg.nodes], seg,
                                   state.tensors, state.shapes["decode"], folder / "segment.onnx",
-                                  name=f"{g.name or 'model'}_stage{s.index}")
+                                  name=f"{g.name or 'model'}_stage{s.index}", progress=written.add)
             (folder / "run.sh").write_text(run_sh)
             (folder / "run.sh").chmod(0o755)
             for src in runtime_files():

@@ -25,18 +25,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import onnx
+from onnx import TensorProto
 
-from llc.compiler.cache import cached_model, key_of, loaded_full
+from llc.compiler.cache import cached_entry, key_of
 from llc.compiler.passes.load import detect_signature
 from llc.compiler.passes.simplify import CACHE_VERSION as SIMPLIFY_VERSION
-from llc.compiler.state import CompileState, value_infos
+from llc.compiler.segment import HashingWriter, append_tensor
+from llc.compiler.state import CompileState, external_location, node_inputs, value_infos
 
 BITS = {"int8": 8, "int4": 4}
 OPS = {"int8": ("MatMul",), "int4": ("MatMul", "Gather")}  # onnxruntime quantizes a Gather to 4 bits only
-QUANTIZER_VERSION = 3  # bump when what this pass asks of the quantizer changes
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}
+FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+QUANTIZER_VERSION = 4  # bump when what this pass asks of the quantizer changes
 
 
 @dataclass(frozen=True)
@@ -53,22 +58,88 @@ class Quantize:
             state.notes.append("quantize skipped: the model's weights are quantized already")
             return state
         import onnxruntime
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        def quantized() -> onnx.ModelProto:
-            logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per MatMul
-            q = MatMulNBitsQuantizer(loaded_full(state.model, state.data_dir), bits=BITS[self.weights],
-                                     block_size=self.block_size, is_symmetric=False,
-                                     accuracy_level=self.accuracy_level, op_types_to_quantize=OPS[self.weights],
-                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
-            q.process()
-            return q.model.model
 
         d = state.digests  # with the simplify option, what the graph handed to this pass is made of
         key = key_of(d.model, sorted(d.data.items()), state.options.get("simplify"), SIMPLIFY_VERSION, self.weights,
                      self.block_size, self.accuracy_level, onnxruntime.__version__, QUANTIZER_VERSION)
-        state.model, state.data_dir = cached_model("quantize", key, quantized)
+        state.model, state.data_dir = cached_entry(
+            "quantize", key, lambda folder: self.write(state.model, state.data_dir, folder))
         state.reference = state.data_dir / "model.onnx"
         state.signature = detect_signature(state.model, state.source)
         state.tensors = value_infos(state.model)
         return state
+
+    def write(self, model: onnx.ModelProto, data_dir: Path, folder: Path) -> bool:
+        """Quantize ``model`` into ``folder`` one weight at a time (model.onnx + model.onnx.data).
+
+        onnxruntime's quantizer is handed each MatMul or Gather with only its own weight
+        loaded; what it makes is appended to the data file at once and dropped. The
+        weights it leaves (norms, biases) are copied in chunks. Memory holds one weight
+        and its quantized form, never the model, so a 1B model quantizes in a few hundred MB.
+        """
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                       DefaultWeightOnlyQuantizer)
+        from onnxruntime.quantization.quant_utils import QuantFormat
+
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per MatMul
+        quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+            block_size=self.block_size, is_symmetric=False, accuracy_level=self.accuracy_level,
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=OPS[self.weights],
+            quant_axes=(("MatMul", 0), ("Gather", 1)), bits=BITS[self.weights]))
+        g = model.graph
+        weights = {t.name: t for t in g.initializer}
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        del out.graph.node[:], out.graph.initializer[:]
+        data = folder / "model.onnx.data"
+        written: dict[str, TensorProto] = {}
+        sources: dict = {}
+        with open(data, "wb") as f:
+            writer = HashingWriter(f)
+
+            def put(t: TensorProto) -> None:
+                if t.name not in written:  # a weight two nodes share is quantized the same, stored once
+                    written[t.name] = append_tensor(t, data_dir, sources, writer, data.name)
+
+            for node in g.node:
+                w = weights.get(node.input[WEIGHT_INPUT[node.op_type]]) if (
+                    node.op_type in OPS[self.weights] and len(node.input) > 1) else None
+                if w is None or w.data_type not in FLOATS:
+                    out.graph.node.append(node)
+                    continue
+                scratch = onnx.GraphProto()
+                loaded = scratch.initializer.add()
+                loaded.CopyFrom(w)
+                if external_location(w) is not None:
+                    onnx.external_data_helper.load_external_data_for_tensor(loaded, str(data_dir))
+                    loaded.data_location = TensorProto.DEFAULT
+                    del loaded.external_data[:]
+                made = quantizer.quantize(node, [scratch])
+                out.graph.node.extend(made)
+                if made == [node]:
+                    continue
+                for t in scratch.initializer[1:]:
+                    put(t)
+            used = {i for n in out.graph.node for i in node_inputs(n)}
+            for t in g.initializer:  # the weights the nodes still read, as they were
+                if t.name in used:
+                    put(t)
+        for src in sources.values():
+            src.close()
+        out.graph.initializer.extend(t for name, t in written.items() if name in used)
+        _opsets(out, self.weights)
+        onnx.save(out, str(folder / "model.onnx"))
+        return True
+
+
+def _opsets(model: onnx.ModelProto, weights: str) -> None:
+    """What onnxruntime's quantizer sets on a model it writes: the contrib domain; for int4 lookups
+    (GatherBlockQuantized, 4-bit tensors) opset 21 and IR version 10."""
+    domains = {o.domain: o for o in model.opset_import}
+    if "com.microsoft" not in domains:
+        model.opset_import.add(domain="com.microsoft", version=1)
+    if "Gather" in OPS[weights]:
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < 21:
+                o.version = 21
+        model.ir_version = max(model.ir_version, 10)
