@@ -189,7 +189,10 @@ class AnnotateCost:
         sig = state.signature
         first = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0)
         state.kv_empty = kv_empty_shapes(state.model, sig, state.tensors, first, state.source)
-        prefill = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0, kv_empty=state.kv_empty)
+        typed = all(isinstance(d, int) for b in sig.kv for axis, d in enumerate(state.tensors[b.past].shape or ())
+                    if axis not in (0, b.seq_axis))  # the caches' types pinned them already: same shapes again
+        prefill = first if typed else pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0,
+                                                    kv_empty=state.kv_empty)
         decode = pinned_shapes(state.model, sig, seq=1, past=wl.max_context - 1, kv_empty=state.kv_empty)
         init_bytes = {t.name: tensor_nbytes(TensorInfo(t.name, t.data_type, tuple(t.dims)))
                       for t in state.model.graph.initializer}

@@ -20,6 +20,7 @@ hashes and onnxsim's version, without weights: they stay where the model keeps t
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -58,9 +59,9 @@ class Simplify:
             state.notes.append(f"simplify skipped: onnxruntime's own ops ({', '.join(foreign[:4])}) "
                                f"are not ONNX's, and their builder has optimized the graph")
             return state
-        import onnxsim
-
         def simplified() -> onnx.ModelProto | None:
+            import onnxsim  # imports torch: 4 s, paid only when the cache misses
+
             try:
                 model, ok = onnxsim.simplify(weightless_copy(state.model), check_n=0, mutable_initializer=False)
             except Exception as e:  # onnxsim fails on exotic ops: keep the original graph
@@ -73,8 +74,8 @@ class Simplify:
             return fold_weight_nodes(model, state.model, state.data_dir)
 
         d = state.digests
-        got = cached_graph("simplify", key_of(d.model, sorted(d.data.items()), onnxsim.__version__, CACHE_VERSION),
-                           simplified)
+        version = importlib.metadata.version("onnxsim")
+        got = cached_graph("simplify", key_of(d.model, sorted(d.data.items()), version, CACHE_VERSION), simplified)
         if got is None:
             return state
         state.model = with_weights(got, state.model)
