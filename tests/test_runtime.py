@@ -268,7 +268,7 @@ def cli_build(model, tmp_path):
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_dead_or_hung_device_ends_run_within_10s(cli_build, how):
     build, procs = cli_build
-    proc = start_cli(build)
+    proc = start_cli(build, "--no-failover")
     procs.append(proc)
     pids = wait_streaming(proc, build, 3)
     t0 = time.monotonic()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,7 +33,16 @@ MAX_MESSAGE_BYTES = 64 << 20  # what the coordinator takes from a device (stats 
 
 
 class DeviceFailure(DeviceError):
-    """A device died, hung, or reported an error; the run cannot go on."""
+    """A device died, hung, or reported an error; the run cannot go on with these devices.
+
+    ``lost``: the device itself is gone (its process died, it stopped answering
+    pings), as opposed to one that answers but reports an error: only a lost
+    device is worth re-planning without (llc.runtime.failover).
+    """
+
+    def __init__(self, device: str, reason: str, lost: bool = False):
+        super().__init__(device, reason)
+        self.lost = lost
 
 
 @dataclass
@@ -102,6 +111,7 @@ class Coordinator:
         self._by_sock: dict[zmq.Socket, str] = {}
         self._awaiting_pong: dict[str, float] = {}
         self._tokenizer = None
+        self.owned = False  # the devices were started for this coordinator's run, and stop with it
         keys = self.build.keys
         for name in self.build.devices:
             d = keys.devices[name]
@@ -163,7 +173,7 @@ class Coordinator:
     def _check_health(self) -> None:
         if self.health:
             for device, problem in self.health().items():
-                raise DeviceFailure(device, problem)
+                raise DeviceFailure(device, problem, lost=True)
 
     def _ping_all(self) -> None:
         now = time.monotonic()
@@ -176,7 +186,7 @@ class Coordinator:
         now = time.monotonic()
         for name, since in self._awaiting_pong.items():
             if now - since > self.dead_after:
-                raise DeviceFailure(name, f"no answer to ping for {now - since:.1f} s")
+                raise DeviceFailure(name, f"no answer to ping for {now - since:.1f} s", lost=True)
 
     def _collect(self, kind: str, timeout: float) -> dict[str, protocol.Message]:
         """Send ``kind`` to every device and wait for each one's reply of the same type."""
@@ -210,28 +220,38 @@ class Coordinator:
         return replies
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, concurrency: int = 1,
-                 on_token: Callable[[RequestResult, int, bool], None] | None = None) -> list[RequestResult]:
+                 on_token: Callable[[RequestResult, int, bool], None] | None = None,
+                 results: list[RequestResult] | None = None) -> list[RequestResult]:
         """Run every prompt, keeping up to ``concurrency`` requests in the pipeline at once.
 
+        ``results`` (one per prompt) may carry tokens from an earlier, interrupted
+        run: such a request resumes, its prompt and those tokens going in as one
+        prompt for the tokens still missing, and a finished one is left alone.
+        They are filled in place, so a caller still has the tokens if this fails.
         If it fails or is interrupted, the requests in flight are cancelled on every device.
         """
-        results = [RequestResult(i, list(p)) for i, p in enumerate(prompts)]
+        if results is None:
+            results = [RequestResult(i, list(p)) for i, p in enumerate(prompts)]
         base = secrets.randbelow(1 << 40) << 20  # request ids unique across runs on long-lived devices
-        queue = list(reversed(results))
+        queue = [r for r in reversed(results) if r.finished is None]
         active: dict[int, RequestResult] = {}
+        had: dict[int, int] = {}  # request -> tokens it had when (re)submitted
         last_progress = time.monotonic()
         try:
             while queue or active:
                 while queue and len(active) < max(1, concurrency):
                     r = queue.pop()
-                    r.submitted = time.monotonic()
-                    active[r.index] = r
-                    self.send(self.head, REQUEST, rid=base + r.index, prompt=r.prompt, params=params.to_dict())
+                    if not r.tokens:
+                        r.submitted = time.monotonic()
+                    active[r.index], had[r.index] = r, len(r.tokens)
+                    left = replace(params, max_new_tokens=params.max_new_tokens - len(r.tokens))
+                    self.send(self.head, REQUEST, rid=base + r.index, prompt=r.prompt + r.tokens,
+                              params=left.to_dict())
                 for device, msg in self.receive(0.1):
                     if msg.type != TOKEN:
                         continue
                     r = active.get(msg["rid"] - base)
-                    if r is None or msg["step"] != len(r.tokens):
+                    if r is None or had[r.index] + msg["step"] != len(r.tokens):
                         continue  # a duplicate or a request from an earlier run: not ours
                     now = last_progress = time.monotonic()
                     r.tokens.append(msg["token"])

@@ -11,15 +11,19 @@ import json
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import click
 
 from llc.bundle import schema
 from llc.errors import DeviceError, LlcError, one_line_errors
 from llc.runtime.chat import ChatTemplate
-from llc.runtime.coordinator import Coordinator, RequestResult, StageStats, TextStream, load_tokenizer
+from llc.runtime.coordinator import (Coordinator, DeviceFailure, RequestResult, StageStats, TextStream,
+                                     load_tokenizer)
 from llc.runtime.device.sampling import SamplingParams
+from llc.runtime.failover import Failover, replan
 from llc.targets.base import Target, make_target
 
 MIB = 1 << 20
@@ -141,11 +145,13 @@ def _print_summary(summary: dict) -> None:
                                              "do not start or stop them.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the devices to start.")
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message in the model's chat template.")
+@click.option("--no-failover", is_flag=True, help="A lost device ends the run, instead of a re-plan over the "
+                                                  "devices left that resumes every request.")
 @one_line_errors
 def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
         top_k: int, top_p: float, seed: int | None, concurrency: int, json_path: Path | None,
         target_name: str | None, attach: bool, timeout: float, timeline_path: Path | None = None,
-        chat: bool = False) -> None:
+        chat: bool = False, no_failover: bool = False) -> None:
     """Generate text with the devices of BUILD_DIR (the output of `llc compile`)."""
     texts = _prompts(prompt, prompts_file)
     build = schema.open_build(build_dir)
@@ -164,40 +170,90 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     except ValueError as e:
         raise LlcError(None, str(e)) from None
-    with devices_running(build_dir, build, target_name, attach, timeout) as coord:
-        streams = [TextStream(tok) for _ in prompts]
-        single = len(prompts) == 1
+    streams = [TextStream(tok) for _ in prompts]
+    single = len(prompts) == 1
 
-        def on_token(r: RequestResult, token: int, done: bool) -> None:
-            piece = streams[r.index].push(token)
-            if single:
-                click.echo(piece, nl=done)
-            elif done:
-                click.echo(f"=== [{r.index}] {texts[r.index]}\n{streams[r.index].text}")
+    def on_token(r: RequestResult, token: int, done: bool) -> None:
+        piece = streams[r.index].push(token)
+        if single:
+            click.echo(piece, nl=done)
+        elif done:
+            click.echo(f"=== [{r.index}] {texts[r.index]}\n{streams[r.index].text}")
 
-        t0, started = time.monotonic(), time.time()
-        results = coord.generate(prompts, params, concurrency, on_token)
-        wall = time.monotonic() - t0
-        for r in results:
-            r.text = tok.decode(r.tokens, skip_special_tokens=True)
-        stage_stats = coord.stats()
-        summary = _summary(results, stage_stats, wall, started, build.plan)
-        if timeline_path:
-            from llc.runtime.timeline import render_timeline
+    out = generate(build_dir, prompts, params, concurrency, on_token, target_name, attach, timeout,
+                   failover=not no_failover)
+    results, stage_stats, wall, started, failovers = out.results, out.stats, out.wall_s, out.started, out.failovers
+    for f in failovers:
+        click.echo(f"llc: {f.line()}", err=True)
+    for r in results:
+        r.text = tok.decode(r.tokens, skip_special_tokens=True)
+    summary = _summary(results, stage_stats, wall, started, schema.open_build(out.build).plan)
+    summary["failovers"] = [asdict(f) for f in failovers]
+    if timeline_path:
+        from llc.runtime.timeline import render_timeline
 
-            events = {st.device: [{"rid": e[0], "step": e[1], "start": e[2], "end": e[3], "slot": e[4],
-                                   "rows": e[5]} for e in st.events if e[2] >= started]  # this run only
-                      for st in stage_stats}
-            timeline_path.write_text(render_timeline(
-                events, [st.device for st in stage_stats],
-                f"{len(results)} request(s), concurrency {concurrency}"))
-            click.echo(f"timeline: {timeline_path}", err=True)
-        _print_summary(summary)
-        if json_path:
-            out = {"params": params.to_dict(), "concurrency": concurrency, "summary": summary,
-                   "results": [{"prompt": texts[r.index], "prompt_ids": r.prompt, "tokens": r.tokens, "text": r.text,
-                                "ttft_ms": r.ttft_ms, "ms_per_token": r.ms_per_token} for r in results]}
-            json_path.write_text(json.dumps(out, indent=2) + "\n")
+        events = {st.device: [{"rid": e[0], "step": e[1], "start": e[2], "end": e[3], "slot": e[4],
+                               "rows": e[5]} for e in st.events if e[2] >= started]  # this run only
+                  for st in stage_stats}
+        timeline_path.write_text(render_timeline(
+            events, [st.device for st in stage_stats],
+            f"{len(results)} request(s), concurrency {concurrency}"))
+        click.echo(f"timeline: {timeline_path}", err=True)
+    _print_summary(summary)
+    if json_path:
+        out = {"params": params.to_dict(), "concurrency": concurrency, "summary": summary,
+               "results": [{"prompt": texts[r.index], "prompt_ids": r.prompt, "tokens": r.tokens, "text": r.text,
+                            "ttft_ms": r.ttft_ms, "ms_per_token": r.ms_per_token} for r in results]}
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+@dataclass
+class Outcome:
+    results: list[RequestResult]
+    stats: list[StageStats]  # of the devices that finished the run
+    wall_s: float
+    started: float  # wall clock (time.time) at the start, to pick this run's device events
+    build: Path  # the build that finished the run: BUILD, or a re-plan of it after a loss
+    failovers: list[Failover] = field(default_factory=list)
+
+
+def generate(build_dir: Path, prompts: list[list[int]], params: SamplingParams, concurrency: int,
+             on_token: Callable[[RequestResult, int, bool], None] | None = None, target_name: str | None = None,
+             attach: bool = False, timeout: float = 60.0, failover: bool = True) -> Outcome:
+    """Every prompt through the build's devices (started here unless attached), surviving lost devices.
+
+    A device lost on the way (llc.runtime.failover) is planned around when this
+    run started the devices: a re-plan over the others, started, and every
+    unfinished request resumed where it was. Otherwise, or with ``failover``
+    off, the loss ends the run with DeviceFailure, as any other device failure does.
+    """
+    results = [RequestResult(i, list(p)) for i, p in enumerate(prompts)]
+    failovers: list[Failover] = []
+    lost_at = 0.0
+
+    def tokens(r: RequestResult, token: int, done: bool) -> None:
+        if failovers and failovers[-1].lost_s is None:
+            failovers[-1].lost_s = time.monotonic() - lost_at
+        if on_token:
+            on_token(r, token, done)
+
+    current, t0, started, owned = Path(build_dir), time.monotonic(), time.time(), False
+    while True:
+        try:
+            with devices_running(current, schema.open_build(current), target_name, attach, timeout) as coord:
+                owned = coord.owned
+                coord.generate(prompts, params, concurrency, tokens, results)
+                wall = time.monotonic() - t0
+                stats = coord.stats()
+            return Outcome(results, stats, wall, started, current, failovers)
+        except DeviceFailure as e:
+            if not failover or not owned or not e.lost:  # devices llc deploy started are not ours to re-plan
+                raise
+            lost_at = time.monotonic()
+            click.echo(f"llc: device {e.device} lost ({e.reason}); re-planning over the others ...", err=True)
+            current = replan(current, e.device, Path(build_dir), len(failovers) + 1)
+            failovers.append(Failover(e.device, e.reason, tuple(schema.open_build(current).devices),
+                                      time.monotonic() - lost_at, sum(r.finished is None for r in results)))
 
 
 @contextlib.contextmanager
@@ -227,6 +283,7 @@ def devices_running(build_dir: Path, build: schema.Build, target_name: str | Non
             click.echo(f"starting {len(build.devices)} device(s) with target {target.name} ...", err=True)
             target.start(build_dir, build.devices)
         coord = Coordinator(build_dir, health=monitor.health if monitor else None)
+        coord.owned = target is not None
         coord.connect(timeout)
         yield coord
         if target is not None:
