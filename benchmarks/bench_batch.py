@@ -45,6 +45,9 @@ from llc.runtime.coordinator import Coordinator, load_tokenizer
 from llc.runtime.device.sampling import SamplingParams
 from llc.targets.local import LocalTarget
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chart import grouped_bars  # noqa: E402
+
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three primary colours are", "Water boils at", "My favourite book is",
            "The quick brown fox", "In 1969, the first"]
@@ -161,23 +164,9 @@ def report(args, stage_counts: list[int], runs: dict[tuple, list[dict]]) -> None
 
 def chart(rows: list[dict]) -> str:
     """Grouped bars: tokens/s per (stages, in flight), batched next to one at a time."""
-    top = max(max(r["batched_tok_s"], r["one_at_a_time_tok_s"]) for r in rows) * 1.15
-    w, h, left, bottom, group = 640, 300, 50, 40, 560 / len(rows)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="11"><text x="{left}" y="14">tokens/s (higher is better): '
-             f'<tspan fill="#4e79a7">batched</tspan> vs <tspan fill="#bab0ac">one at a time</tspan></text>']
-    for i, r in enumerate(rows):
-        x = left + i * group
-        for j, (key, colour) in enumerate((("batched_tok_s", "#4e79a7"), ("one_at_a_time_tok_s", "#bab0ac"))):
-            bh = r[key] / top * (h - bottom - 30)
-            parts.append(f'<rect x="{x + 6 + j * (group - 12) / 2:.1f}" y="{h - bottom - bh:.1f}" '
-                         f'width="{(group - 12) / 2:.1f}" height="{bh:.1f}" fill="{colour}"/>'
-                         f'<text x="{x + 6 + j * (group - 12) / 2 + 2:.1f}" y="{h - bottom - bh - 3:.1f}">'
-                         f'{r[key]:.0f}</text>')
-        parts.append(f'<text x="{x + group / 2:.1f}" y="{h - bottom + 14}" text-anchor="middle">'
-                     f'{r["stages"]} st, {r["in_flight"]} req</text>')
-    parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#333"/></svg>')
-    return "".join(parts)
+    return grouped_bars("tokens/s (higher is better)", [f"{r['stages']} st, {r['in_flight']} req" for r in rows], [
+        ("batched", "#4e79a7", [r["batched_tok_s"] for r in rows]),
+        ("one at a time", "#bab0ac", [r["one_at_a_time_tok_s"] for r in rows])])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Scale benchmark: what compiling, verifying and running costs as the model grows from 135M to 1B.
 
-    python benchmarks/bench_scale.py [--sizes 135m,0.5b,1b] [--weights fp32,int4] [--json bench-results/scale.json]
+    python benchmarks/bench_scale.py [--sizes 135m,0.5b,1b] [--weights fp32,int4] [--genai 3b]
+                                     [--json bench-results/scale.json]
 
 Models: random weights in real models' shapes (benchmarks/scale_models.py; built
 once, nothing downloaded), exported with torch.onnx's legacy exporter.
@@ -36,6 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale_models  # noqa: E402
+from chart import grouped_bars  # noqa: E402
 
 DEVICES, DEVICE_MB = 4, 1600
 PROMPT = "The history of the printing press begins"
@@ -88,12 +90,14 @@ def bundle_bytes(build: Path) -> int:
 
 
 def one(size: str, weights: str, work: Path, port: int) -> dict:
-    model = scale_models.build(size)
+    """``weights``: fp32 or int4 (quantized by llc compile), or genai-int4 (the builder's model as it is)."""
+    model = scale_models.build_genai(size, "int4") if weights == "genai-int4" else scale_models.build(size)
     data = sum(f.stat().st_size for f in model.parent.glob("model.onnx*"))
     env = dict(os.environ, LLC_CACHE=str(work / "cache"), LLC_SECRET_FILE=str(work / "secret"))
     shutil.rmtree(work / "cache", ignore_errors=True)
     build = work / f"build-{size}-{weights}"
-    compile_cmd = ["llc", "compile", str(model), "-o", str(build), "--weights", weights]
+    compile_cmd = ["llc", "compile", str(model), "-o", str(build), "--weights",
+                   "fp32" if weights == "genai-int4" else weights]
     cold = drop_page_cache()
     log(f"{size} {weights}: compile ({'cold' if cold else 'page cache kept: not root'})")
     wall, rss, _, err = measured(compile_cmd + ["--devices", str(profile(work / "p.yaml", DEVICE_MB, port))], env)
@@ -127,16 +131,21 @@ def one(size: str, weights: str, work: Path, port: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="135m,0.5b,1b")
+    ap.add_argument("--rows-from", type=Path, default=None, help="keep these rows of an earlier JSON, add the new")
     ap.add_argument("--weights", default="fp32,int4")
     ap.add_argument("--json", type=Path, default=Path("bench-results/scale.json"))
+    ap.add_argument("--genai", default="", help="sizes also built by onnxruntime-genai at int4 (e.g. 3b)")
     ap.add_argument("--port", type=int, default=5900)
     args = ap.parse_args()
-    rows = []
+    rows = json.loads(args.rows_from.read_text())["rows"] if args.rows_from else []
     with tempfile.TemporaryDirectory(prefix="llc-scale-") as tmp:
-        for size in args.sizes.split(","):
+        for size in filter(None, args.sizes.split(",")):
             for weights in args.weights.split(","):
                 rows.append(one(size, weights, Path(tmp), args.port))
                 log(json.dumps(rows[-1]))
+        for size in filter(None, args.genai.split(",")):
+            rows.append(one(size, "genai-int4", Path(tmp), args.port))
+            log(json.dumps(rows[-1]))
     report(args, rows)
 
 
@@ -162,27 +171,10 @@ def report(args, rows: list[dict]) -> None:
 
 def chart(rows: list[dict]) -> str:
     """Bars per build: the model's bytes next to compile's and verify's peak RSS."""
-    keys = (("model", "#bab0ac"), ("compile", "#4e79a7"), ("verify", "#f28e2b"))
-    vals = [{"model": r["model_bytes"] / MB, "compile": r["compile_peak_rss_mb"], "verify": r["verify_peak_rss_mb"]}
-            for r in rows]
-    top = max(max(v.values()) for v in vals) * 1.15
-    w, h, left, bottom = 720, 320, 50, 40
-    group = (w - left - 20) / len(rows)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="11"><text x="{left}" y="14">MB: <tspan fill="#bab0ac">model weights</tspan>, peak RSS of '
-             f'<tspan fill="#4e79a7">llc compile</tspan> and <tspan fill="#f28e2b">llc verify</tspan></text>']
-    for i, (r, v) in enumerate(zip(rows, vals)):
-        x = left + i * group
-        bw = (group - 12) / len(keys)
-        for j, (key, colour) in enumerate(keys):
-            bh = v[key] / top * (h - bottom - 30)
-            parts.append(f'<rect x="{x + 6 + j * bw:.1f}" y="{h - bottom - bh:.1f}" width="{bw:.1f}" '
-                         f'height="{bh:.1f}" fill="{colour}"/><text x="{x + 6 + j * bw:.1f}" '
-                         f'y="{h - bottom - bh - 3:.1f}">{v[key]:,.0f}</text>')
-        parts.append(f'<text x="{x + group / 2:.1f}" y="{h - bottom + 14}" text-anchor="middle">'
-                     f'{r["size"]} {r["weights"]}</text>')
-    parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#333"/></svg>')
-    return "".join(parts)
+    return grouped_bars("MB", [f"{r['size']} {r['weights']}" for r in rows], [
+        ("model weights", "#bab0ac", [r["model_bytes"] / MB for r in rows]),
+        ("peak RSS of llc compile", "#4e79a7", [r["compile_peak_rss_mb"] for r in rows]),
+        ("peak RSS of llc verify", "#f28e2b", [r["verify_peak_rss_mb"] for r in rows])], width=760)
 
 
 if __name__ == "__main__":

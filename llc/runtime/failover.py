@@ -71,6 +71,9 @@ def replan(build_dir: Path, lost: str, root: Path, n: int) -> Path:
     left = [d["name"] for d in doc["devices"]]
     if not left:
         raise DeviceError(lost, "lost, and no device is left to run the model")
+    stages = (doc.get("workload") or {}).get("stages")
+    if isinstance(stages, int) and stages > len(left):
+        doc["workload"]["stages"] = len(left)
     folder = root / "failover"
     folder.mkdir(parents=True, exist_ok=True)
     profile_path = folder / f"profile-{n}.yaml"

@@ -1,0 +1,26 @@
+"""Grouped bar charts as SVG for the benchmarks (no plotting library: a few rects and labels)."""
+
+from __future__ import annotations
+
+
+def grouped_bars(title: str, labels: list[str], series: list[tuple[str, str, list[float]]], width: int = 640,
+                 height: int = 300) -> str:
+    """One group of bars per label, one bar per series (name, colour, a value per label), values on top."""
+    top = max(max(values) for _, _, values in series) * 1.15 or 1.0
+    left, bottom = 50, 40
+    group = (width - left - 20) / len(labels)
+    bar = (group - 12) / len(series)
+    legend = ", ".join(f'<tspan fill="{colour}">{name}</tspan>' for name, colour, _ in series)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><text x="{left}" y="14">{title}: {legend}</text>']
+    for i, label in enumerate(labels):
+        x = left + i * group
+        for j, (_, colour, values) in enumerate(series):
+            bh = values[i] / top * (height - bottom - 30)
+            parts.append(f'<rect x="{x + 6 + j * bar:.1f}" y="{height - bottom - bh:.1f}" width="{bar:.1f}" '
+                         f'height="{bh:.1f}" fill="{colour}"/><text x="{x + 6 + j * bar + 2:.1f}" '
+                         f'y="{height - bottom - bh - 3:.1f}">{values[i]:,.0f}</text>')
+        parts.append(f'<text x="{x + group / 2:.1f}" y="{height - bottom + 14}" text-anchor="middle">{label}</text>')
+    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - 20}" y2="{height - bottom}" '
+                 f'stroke="#333"/></svg>')
+    return "".join(parts)
