@@ -13,7 +13,11 @@ everything else (it is the matmuls that matter).
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import onnx
@@ -110,13 +114,31 @@ def _gqa_dim(reader, shapes: dict[str, TensorInfo], axis: int) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def symbolic_shape_infer():
+    """onnxruntime's ``tools/symbolic_shape_infer.py``, loaded from its file.
+
+    Importing it the usual way runs ``onnxruntime.tools``' ``__init__``, which imports
+    torch whenever torch is installed (for an export helper llc never uses): 2-3 s
+    and 190 MB on every compile. The module itself needs only onnx, numpy and sympy.
+    """
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    if not path.is_file():  # laid out otherwise: the usual import
+        return importlib.import_module("onnxruntime.tools.symbolic_shape_infer")
+    spec = importlib.util.spec_from_file_location("llc_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def infer(m: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's symbolic shape inference (it knows the contrib ops and follows shape
     arithmetic), else ONNX's own with data propagation."""
+    tool = symbolic_shape_infer()
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_attribute
-
-        class Inference(SymbolicShapeInference):
+        class Inference(tool.SymbolicShapeInference):
             """Also knows GatherBlockQuantized (a tied, quantized embedding), which the tool lacks."""
 
             def __init__(self):
@@ -128,7 +150,7 @@ def infer(m: onnx.ModelProto) -> onnx.ModelProto:
                 packed = self.known_vi_[node.input[0]].type.tensor_type.elem_type in (TensorProto.UINT8,
                                                                                     TensorProto.INT8)
                 # bytes hold 8 // bits values each (onnxruntime-genai); a (u)int4 tensor has its own shape
-                width = data[-1] * (8 // get_attribute(node, "bits", 4)) if packed else data[-1]
+                width = data[-1] * (8 // tool.get_attribute(node, "bits", 4)) if packed else data[-1]
                 vi = self.known_vi_[node.output[0]]
                 vi.CopyFrom(onnx.helper.make_tensor_value_info(
                     node.output[0], self.known_vi_[node.input[2]].type.tensor_type.elem_type,
