@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from llc.compiler import analysis_passes, new_state
 from llc.compiler.pipeline import PassManager
-from llc.compiler.state import is_weight
+from llc.compiler.state import inlined, is_weight
 from llc.profile import Workload
 from models import tiny_gpt2, tiny_llama, tiny_llama_tied
 
@@ -37,7 +37,9 @@ def test_quantize_weight_by_weight_equals_onnxruntimes_whole_model_quantizer(mak
     simplified = PassManager(analysis_passes()[:2]).run(new_state(model, None, WL))
     full = onnx.ModelProto()
     full.CopyFrom(simplified.model)
-    onnx.load_external_data_for_model(full, str(simplified.data_dir))
+    inits = [inlined(t, simplified.data_dir) for t in full.graph.initializer]  # folded ones live in the cache
+    del full.graph.initializer[:]
+    full.graph.initializer.extend(inits)
     q = MatMulNBitsQuantizer(full, bits={"int4": 4, "int8": 8}[weights], block_size=32, is_symmetric=False,
                              accuracy_level=4, op_types_to_quantize=("MatMul", "Gather") if weights == "int4" else
                              ("MatMul",), quant_axes=(("MatMul", 0), ("Gather", 1)))
@@ -63,6 +65,26 @@ def test_simplify_folds_a_node_of_weights_alone(tmp_path, monkeypatch):
     inits = {t.name: t for t in state.model.graph.initializer}
     assert not any(n.input and all(i in inits for i in n.input if i) for n in state.model.graph.node)
     head = next(n for n in reversed(state.model.graph.node) if n.op_type == "MatMul")
-    lm = numpy_helper.to_array(inits[head.input[1]])
+    lm = numpy_helper.to_array(inlined(inits[head.input[1]], state.data_dir))
     np.testing.assert_array_equal(lm.T, numpy_helper.to_array(
         {t.name: t for t in before.graph.initializer}["lm_head.weight"]))
+
+
+def test_initializers_also_listed_as_inputs_leave_no_dangling_input(tmp_path, monkeypatch):
+    """Older IRs list every initializer as a graph input too: a weight folded or quantized away
+    must take its input entry with it, or onnxruntime would ask for it as an input."""
+    import onnxruntime as ort
+
+    monkeypatch.setenv("LLC_CACHE", str(tmp_path / "cache"))
+    model = onnx.load(str(tiny_llama_tied("dynamo")))
+    declared = {i.name for i in model.graph.input}
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer if t.name not in declared)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    state = PassManager(analysis_passes(weights="int4")[:3]).run(new_state(path, None, WL))
+    for m in (state.model, onnx.load(str(state.data_dir / "model.onnx"))):
+        inits = {t.name for t in m.graph.initializer}
+        assert {i.name for i in m.graph.input} - inits == declared
+    session = ort.InferenceSession(str(state.data_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == declared

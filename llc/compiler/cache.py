@@ -47,16 +47,3 @@ def cached_entry(kind: str, key: str, write: Callable[[Path], bool]) -> tuple[on
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return onnx.load(str(path), load_external_data=False), path.parent
-
-
-def cached_graph(kind: str, key: str, make: Callable[[], onnx.ModelProto | None]) -> onnx.ModelProto | None:
-    """A graph without weights (simplify's), cached in one file; ``make`` returning None: no result."""
-
-    def write(folder: Path) -> bool:
-        made = make()
-        if made is not None:
-            onnx.save(made, str(folder / "model.onnx"))
-        return made is not None
-
-    got = cached_entry(kind, key, write)
-    return None if got is None else got[0]

@@ -9,6 +9,7 @@ tensor, so the model is never held twice in memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from typing import Callable
 import onnx
 from onnx import TensorProto, helper
 
+from llc.errors import LlcError
 from llc.runtime.device.manifest import sha256_file  # noqa: F401  (one hash for every bundle file)
-from llc.compiler.state import TensorInfo, external_location, node_inputs
+from llc.compiler.state import TensorInfo, external_location, node_inputs, read_external
 
 ALIGN = 64  # bytes; keeps every tensor aligned for mmap-friendly loading
 INLINE_LIMIT = 1024  # tensors smaller than this stay inside the .onnx file
@@ -93,13 +95,10 @@ def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeP
     )
     data_name = target.name + ".data"
     data_path = target.with_name(data_name)
-    sources: dict[str, object] = {}
-    with open(data_path, "wb") as f:
-        out = HashingWriter(f)
+    with open(data_path, "wb") as f, contextlib.ExitStack() as files:
+        out, sources = HashingWriter(f), Sources(files)
         for t in inits:
             graph.initializer.append(append_tensor(t, data_dir, sources, out, data_name, progress))
-    for src in sources.values():
-        src.close()
     seg = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="llc")
     seg.ir_version = model.ir_version
     seg.functions.extend(model.functions)
@@ -110,6 +109,18 @@ def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeP
     else:
         data_path.unlink()
     return files
+
+
+class Sources:
+    """Data files open for reading, each opened once, closed with the ExitStack that owns them."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack, self.files = stack, {}
+
+    def open(self, path: Path):
+        if path not in self.files:
+            self.files[path] = self.stack.enter_context(open(path, "rb"))
+        return self.files[path]
 
 
 class HashingWriter:
@@ -135,7 +146,7 @@ def segment_weight_bytes(model: onnx.ModelProto, data_dir: Path, nodes: list[onn
     return sum(n for n in sizes if n >= INLINE_LIMIT)
 
 
-def append_tensor(t: TensorProto, data_dir: Path, sources: dict, out: HashingWriter, location: str,
+def append_tensor(t: TensorProto, data_dir: Path, sources: Sources, out: HashingWriter, location: str,
                   progress: Callable[[int], None] | None = None) -> TensorProto:
     """``t`` for a model whose data file ``location`` is being written to ``out``.
 
@@ -170,7 +181,7 @@ def tensor_size(t: TensorProto, data_dir: Path) -> int | None:
     return len(t.raw_data) if t.HasField("raw_data") else None
 
 
-def copy_tensor(t: TensorProto, data_dir: Path, sources: dict, out: HashingWriter,
+def copy_tensor(t: TensorProto, data_dir: Path, sources: Sources, out: HashingWriter,
                  progress: Callable[[int], None] | None) -> None:
     """Stream the tensor's bytes into ``out`` a chunk at a time: a 400 MB embedding never sits in memory."""
     loc = external_location(t)
@@ -180,15 +191,13 @@ def copy_tensor(t: TensorProto, data_dir: Path, sources: dict, out: HashingWrite
             progress(len(t.raw_data))
         return
     name, offset, _ = loc
-    f = sources.get(name)
-    if f is None:
-        f = sources[name] = open(data_dir / name, "rb")
+    f = sources.open(data_dir / name)
     f.seek(offset)
     left = tensor_size(t, data_dir)
     while left:
         chunk = f.read(min(left, CHUNK))
         if not chunk:
-            raise OSError(f"{data_dir / name} ends inside tensor {t.name}")
+            raise LlcError(data_dir / name, f"the file ends inside tensor {t.name} (truncated?)")
         out.write(chunk)
         left -= len(chunk)
         if progress:
@@ -196,10 +205,4 @@ def copy_tensor(t: TensorProto, data_dir: Path, sources: dict, out: HashingWrite
 
 
 def read_small(t: TensorProto, data_dir: Path) -> bytes:
-    loc = external_location(t)
-    if loc is None:
-        return t.raw_data
-    name, offset, _ = loc
-    with open(data_dir / name, "rb") as f:
-        f.seek(offset)
-        return f.read(tensor_size(t, data_dir))
+    return t.raw_data if external_location(t) is None else read_external(t, data_dir)

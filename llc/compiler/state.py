@@ -264,16 +264,39 @@ BIG_INITIALIZER = 4096  # bytes; smaller initializers may be shape constants tha
 
 
 def is_weight(t: TensorProto) -> bool:
-    """A weight: stored outside the file, or more than a few KB inside it."""
-    return t.data_location == TensorProto.EXTERNAL or (t.HasField("raw_data") and len(t.raw_data) > BIG_INITIALIZER)
+    """A weight: more than a few KB, inside the file or outside it (an unknown length counts as big)."""
+    loc = external_location(t)
+    if loc is not None:
+        return loc[2] < 0 or loc[2] > BIG_INITIALIZER
+    return t.HasField("raw_data") and len(t.raw_data) > BIG_INITIALIZER
 
 
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def read_external(t: TensorProto, data_dir: Path) -> bytes:
+    """The bytes of an external tensor (its location is relative to ``data_dir``, or absolute)."""
+    name, offset, length = external_location(t)
+    with open(data_dir / name, "rb") as f:
+        f.seek(offset)
+        return f.read() if length < 0 else f.read(length)
+
+
+def inlined(t: TensorProto, data_dir: Path) -> TensorProto:
+    """A copy of ``t`` with its bytes inside the proto."""
+    out = TensorProto()
+    out.CopyFrom(t)
+    if external_location(t) is not None:
+        out.raw_data = read_external(t, data_dir)
+        del out.external_data[:]
+        out.data_location = TensorProto.DEFAULT
+    return out
+
+
+def weightless_copy(model: onnx.ModelProto, data_dir: Path | None = None) -> onnx.ModelProto:
     """The graph with its weights as typed graph inputs of the same names (no weight bytes copied).
 
     Why: shape inference and onnxsim need the graph and its shape constants,
     not gigabytes of weights; the protobuf of a model with its weights cannot
     pass 2 GB, and holding them would make a compile's memory grow with the model.
+    Small initializers stay, read into the proto from ``data_dir`` if stored outside.
     """
     out = onnx.ModelProto()
     out.ir_version = model.ir_version
@@ -287,7 +310,7 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     declared = {i.name for i in src.input}
     for t in src.initializer:
         if not is_weight(t):
-            g.initializer.append(t)
+            g.initializer.append(inlined(t, data_dir) if data_dir is not None else t)
         elif t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return out
@@ -297,13 +320,14 @@ def with_weights(graph: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelP
     """``graph`` (made from ``weightless_copy(source)``) with ``source``'s weights back as initializers.
 
     Weights keep their protos: an external one still points into the source's
-    data file, so nothing is read or copied. Weights the graph no longer uses are dropped.
+    data file, so nothing is read or copied. Weights the graph no longer uses
+    are dropped, and so are their graph-input entries (older IRs list initializers as inputs).
     """
     weights = [t for t in source.graph.initializer if is_weight(t)]
     names = {t.name for t in weights}
     declared = {i.name for i in source.graph.input}
     used = {name for node in graph.graph.node for name in node_inputs(node)} | {o.name for o in graph.graph.output}
-    inputs = [i for i in graph.graph.input if i.name not in names or i.name in declared]
+    inputs = [i for i in graph.graph.input if i.name not in names or (i.name in declared and i.name in used)]
     del graph.graph.input[:]
     graph.graph.input.extend(inputs)
     graph.graph.initializer.extend(t for t in weights if t.name in used)

@@ -241,7 +241,7 @@ class Coordinator:
             while queue or active:
                 while queue and len(active) < max(1, concurrency):
                     r = queue.pop()
-                    if not r.tokens:
+                    if not r.submitted:  # a resumed request keeps its first submission time
                         r.submitted = time.monotonic()
                     active[r.index], had[r.index] = r, len(r.tokens)
                     left = replace(params, max_new_tokens=params.max_new_tokens - len(r.tokens))

@@ -201,10 +201,10 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         click.echo(f"timeline: {timeline_path}", err=True)
     _print_summary(summary)
     if json_path:
-        out = {"params": params.to_dict(), "concurrency": concurrency, "summary": summary,
+        doc = {"params": params.to_dict(), "concurrency": concurrency, "summary": summary,
                "results": [{"prompt": texts[r.index], "prompt_ids": r.prompt, "tokens": r.tokens, "text": r.text,
                             "ttft_ms": r.ttft_ms, "ms_per_token": r.ms_per_token} for r in results]}
-        json_path.write_text(json.dumps(out, indent=2) + "\n")
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 @dataclass
@@ -237,8 +237,10 @@ def generate(build_dir: Path, prompts: list[list[int]], params: SamplingParams, 
         if on_token:
             on_token(r, token, done)
 
-    current, t0, started, owned = Path(build_dir), time.monotonic(), time.time(), False
+    current, t0, started = Path(build_dir), time.monotonic(), time.time()
+    tokens_at_loss = -1
     while True:
+        owned = False  # until connected: a device that fails to start is not lost, it is broken
         try:
             with devices_running(current, schema.open_build(current), target_name, attach, timeout) as coord:
                 owned = coord.owned
@@ -247,13 +249,18 @@ def generate(build_dir: Path, prompts: list[list[int]], params: SamplingParams, 
                 stats = coord.stats()
             return Outcome(results, stats, wall, started, current, failovers)
         except DeviceFailure as e:
-            if not failover or not owned or not e.lost:  # devices llc deploy started are not ours to re-plan
+            produced = sum(len(r.tokens) for r in results)
+            # devices llc deploy started are not ours to re-plan; and a second loss before any
+            # new token is no dropout: the same request kills device after device
+            if not failover or not owned or not e.lost or produced == tokens_at_loss:
                 raise
+            tokens_at_loss = produced
             lost_at = time.monotonic()
             click.echo(f"llc: device {e.device} lost ({e.reason}); re-planning over the others ...", err=True)
             current = replan(current, e.device, Path(build_dir), len(failovers) + 1)
             failovers.append(Failover(e.device, e.reason, tuple(schema.open_build(current).devices),
-                                      time.monotonic() - lost_at, sum(r.finished is None for r in results)))
+                                      time.monotonic() - lost_at,
+                                      sum(r.finished is None and r.submitted > 0 for r in results)))
 
 
 @contextlib.contextmanager

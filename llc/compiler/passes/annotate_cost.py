@@ -35,13 +35,13 @@ MOVEMENT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Sha
                 "Flatten", "Range", "Size"}
 
 
-def pinned_shapes(model: onnx.ModelProto, sig: Signature, seq: int, past: int,
+def pinned_shapes(model: onnx.ModelProto, data_dir: Path | None, sig: Signature, seq: int, past: int,
                   kv_empty: dict[str, tuple[int, ...]] | None = None) -> dict[str, TensorInfo]:
     """Concrete shapes of every tensor for batch 1, ``seq`` new tokens and ``past`` cached ones.
 
     ``kv_empty`` gives the caches' other axes (heads, head size) when their type leaves them symbolic.
     """
-    m = weightless_copy(model)
+    m = weightless_copy(model, data_dir)
     kv_axis = {b.past: b.seq_axis for b in sig.kv}
     kv_empty = kv_empty or {}
     for inp in m.graph.input:
@@ -168,9 +168,10 @@ def infer(m: onnx.ModelProto) -> onnx.ModelProto:
     return inferred if inferred is not None else onnx.shape_inference.infer_shapes(m, data_prop=True)
 
 
-def symbolic_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+def symbolic_types(model: onnx.ModelProto, data_dir: Path | None = None) -> dict[str, TensorInfo]:
     """Every tensor's type with its dims symbolic where they vary: what segment inputs and outputs declare."""
-    return {name: t for name, t in value_infos(infer(weightless_copy(model))).items() if t.shape is not None}
+    return {name: t for name, t in value_infos(infer(weightless_copy(model, data_dir))).items()
+            if t.shape is not None}
 
 
 def node_flops(node: onnx.NodeProto, shapes: dict[str, TensorInfo]) -> float:
@@ -209,13 +210,14 @@ class AnnotateCost:
     def run(self, state: CompileState) -> CompileState:
         wl = state.workload
         sig = state.signature
-        first = pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0)
+        first = pinned_shapes(state.model, state.data_dir, sig, seq=wl.prompt_tokens, past=0)
         state.kv_empty = kv_empty_shapes(state.model, sig, state.tensors, first, state.source)
         typed = all(isinstance(d, int) for b in sig.kv for axis, d in enumerate(state.tensors[b.past].shape or ())
                     if axis not in (0, b.seq_axis))  # the caches' types pinned them already: same shapes again
-        prefill = first if typed else pinned_shapes(state.model, sig, seq=wl.prompt_tokens, past=0,
+        prefill = first if typed else pinned_shapes(state.model, state.data_dir, sig, seq=wl.prompt_tokens, past=0,
                                                     kv_empty=state.kv_empty)
-        decode = pinned_shapes(state.model, sig, seq=1, past=wl.max_context - 1, kv_empty=state.kv_empty)
+        decode = pinned_shapes(state.model, state.data_dir, sig, seq=1, past=wl.max_context - 1,
+                               kv_empty=state.kv_empty)
         init_bytes = {t.name: tensor_nbytes(TensorInfo(t.name, t.data_type, tuple(t.dims)))
                       for t in state.model.graph.initializer}
         kv_outputs = sig.kv_outputs
@@ -241,6 +243,6 @@ class AnnotateCost:
         if unknown:
             state.notes.append(f"annotate-cost: {unknown} nodes without inferred shapes (costed as 0)")
         state.costs = costs
-        state.tensors = {**state.tensors, **symbolic_types(state.model)}
+        state.tensors = {**state.tensors, **symbolic_types(state.model, state.data_dir)}
         state.shapes = {"prefill": prefill, "decode": decode}
         return state

@@ -27,11 +27,11 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from llc.compiler.passes.annotate_cost import MOVEMENT_OPS
 from llc.errors import LlcError
 from llc.compiler.state import Block, CompileState, TensorInfo, consumers, node_inputs, tensor_nbytes
 
 SHAPE_OPS = {"Shape", "Size"}
+RESHAPES = {"Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"}  # change a view, not the values
 
 
 def classify_tensors(model: onnx.ModelProto, roles: dict[str, str]) -> dict[str, str]:
@@ -83,7 +83,7 @@ def legal_cuts(model: onnx.ModelProto, cls: dict[str, str], kv_inputs: set[str])
 def _signature(model: onnx.ModelProto, nodes: list[int]) -> tuple[str, ...]:
     """The ops that compute, in order: layers match even where simplification left a Reshape in one
     and not in another (onnxsim drops the no-op ones it can prove, which differ at the last layer)."""
-    return tuple(n.op_type for n in (model.graph.node[i] for i in nodes) if n.op_type not in MOVEMENT_OPS)
+    return tuple(n.op_type for n in (model.graph.node[i] for i in nodes) if n.op_type not in RESHAPES)
 
 
 def group_layers(model: onnx.ModelProto, spans: list[list[int]], kv_inputs: set[str]):

@@ -243,7 +243,7 @@ def plan_doc(state: CompileState, vocab: int | None, max_batch: int) -> schema.P
                                     for b in sig.kv),
                               dict(sig.input_roles), vocab, weights=state.options.get("weights", "fp32"),
                               reference=str(state.reference) if state.reference else None),
-        profile=str(state.profile.path),
+        profile=str(Path(state.profile.path).resolve()),  # a failover re-plans with it, from any folder
         workload=schema.WorkloadDoc(wl.prompt_tokens, wl.max_context, wl.requests_in_flight, wl.objective,
                                     wl.memory_safety, wl.runtime_overhead_mb, wl.stages,
                                     max_batch),

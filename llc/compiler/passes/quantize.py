@@ -23,6 +23,7 @@ cached like simplify's (llc.compiler.cache).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,8 @@ from onnx import TensorProto
 from llc.compiler.cache import cached_entry, key_of
 from llc.compiler.passes.load import detect_signature
 from llc.compiler.passes.simplify import CACHE_VERSION as SIMPLIFY_VERSION
-from llc.compiler.segment import HashingWriter, append_tensor
-from llc.compiler.state import CompileState, external_location, node_inputs, value_infos
+from llc.compiler.segment import HashingWriter, Sources, append_tensor
+from llc.compiler.state import CompileState, inlined, node_inputs, value_infos
 
 BITS = {"int8": 8, "int4": 4}
 OPS = {"int8": ("MatMul",), "int4": ("MatMul", "Gather")}  # onnxruntime quantizes a Gather to 4 bits only
@@ -88,14 +89,12 @@ class Quantize:
             quant_axes=(("MatMul", 0), ("Gather", 1)), bits=BITS[self.weights]))
         g = model.graph
         weights = {t.name: t for t in g.initializer}
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.node[:], out.graph.initializer[:]
+        out = _without_graph(model)
         data = folder / "model.onnx.data"
         written: dict[str, TensorProto] = {}
-        sources: dict = {}
-        with open(data, "wb") as f:
+        with open(data, "wb") as f, contextlib.ExitStack() as files:
             writer = HashingWriter(f)
+            sources = Sources(files)
 
             def put(t: TensorProto) -> None:
                 if t.name not in written:  # a weight two nodes share is quantized the same, stored once
@@ -108,12 +107,7 @@ class Quantize:
                     out.graph.node.append(node)
                     continue
                 scratch = onnx.GraphProto()
-                loaded = scratch.initializer.add()
-                loaded.CopyFrom(w)
-                if external_location(w) is not None:
-                    onnx.external_data_helper.load_external_data_for_tensor(loaded, str(data_dir))
-                    loaded.data_location = TensorProto.DEFAULT
-                    del loaded.external_data[:]
+                scratch.initializer.append(inlined(w, data_dir))
                 made = quantizer.quantize(node, [scratch])
                 out.graph.node.extend(made)
                 if made == [node]:
@@ -124,12 +118,26 @@ class Quantize:
             for t in g.initializer:  # the weights the nodes still read, as they were
                 if t.name in used:
                     put(t)
-        for src in sources.values():
-            src.close()
         out.graph.initializer.extend(t for name, t in written.items() if name in used)
+        gone = set(weights) - set(written)  # older IRs list initializers as inputs too
+        out.graph.input.extend(i for i in g.input if i.name not in gone)
         _opsets(out, self.weights)
         onnx.save(out, str(folder / "model.onnx"))
         return True
+
+
+def _without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``'s header, opsets, functions, graph name, outputs and value types; no nodes, inputs or weights."""
+    out = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field, getattr(model, field))
+    out.opset_import.extend(model.opset_import)
+    out.metadata_props.extend(model.metadata_props)
+    out.functions.extend(model.functions)
+    out.graph.name = model.graph.name
+    out.graph.output.extend(model.graph.output)
+    out.graph.value_info.extend(model.graph.value_info)
+    return out
 
 
 def _opsets(model: onnx.ModelProto, weights: str) -> None:
