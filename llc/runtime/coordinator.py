@@ -201,7 +201,7 @@ class Coordinator:
                 missing = [n for n in self.socks if n not in got]
                 raise DeviceFailure(missing[0], f"did not answer {kind} within {timeout:.0f} s")
             for device, msg in self.receive(min(left, 0.1)):
-                if msg.type == kind:
+                if msg.type == kind and not msg.get("poll"):  # not a late answer to a balancer's poll
                     got[device] = msg
         return got
 
@@ -221,13 +221,17 @@ class Coordinator:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, concurrency: int = 1,
                  on_token: Callable[[RequestResult, int, bool], None] | None = None,
-                 results: list[RequestResult] | None = None) -> list[RequestResult]:
+                 results: list[RequestResult] | None = None,
+                 watch: Callable[[dict[str, protocol.Message]], None] | None = None,
+                 watch_every: float = 2.0) -> list[RequestResult]:
         """Run every prompt, keeping up to ``concurrency`` requests in the pipeline at once.
 
         ``results`` (one per prompt) may carry tokens from an earlier, interrupted
         run: such a request resumes, its prompt and those tokens going in as one
         prompt for the tokens still missing, and a finished one is left alone.
         They are filled in place, so a caller still has the tokens if this fails.
+        ``watch`` is called every ``watch_every`` seconds with each device's ``stats``
+        reply (counters only, no events); it may raise to stop the run (a rebalance).
         If it fails or is interrupted, the requests in flight are cancelled on every device.
         """
         if results is None:
@@ -236,9 +240,14 @@ class Coordinator:
         queue = [r for r in reversed(results) if r.finished is None]
         active: dict[int, RequestResult] = {}
         had: dict[int, int] = {}  # request -> tokens it had when (re)submitted
-        last_progress = time.monotonic()
+        last_progress = next_watch = time.monotonic()
+        polled: dict[str, protocol.Message] | None = None  # stats replies of the round under way
         try:
             while queue or active:
+                if watch and polled is None and time.monotonic() >= next_watch:
+                    polled = {}
+                    for name in self.socks:
+                        self.send(name, STATS, poll=True)
                 while queue and len(active) < max(1, concurrency):
                     r = queue.pop()
                     if not r.submitted:  # a resumed request keeps its first submission time
@@ -248,6 +257,14 @@ class Coordinator:
                     self.send(self.head, REQUEST, rid=base + r.index, prompt=r.prompt + r.tokens,
                               params=left.to_dict())
                 for device, msg in self.receive(0.1):
+                    if msg.type == STATS and msg.get("poll"):
+                        if polled is None:
+                            continue  # a poll's reply that came after the run moved on
+                        polled[device] = msg
+                        if len(polled) == len(self.socks):
+                            round_, polled, next_watch = polled, None, time.monotonic() + watch_every
+                            watch(round_)
+                        continue
                     if msg.type != TOKEN:
                         continue
                     r = active.get(msg["rid"] - base)

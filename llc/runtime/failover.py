@@ -19,7 +19,7 @@ that answers with an error is not lost, and the run fails as before):
    fresh draws.
 
 The re-planned builds live in ``BUILD/failover/<n>/`` beside the profile they
-were planned for (``profile-<n>.yaml``).
+were planned for (``<n>.yaml``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -52,12 +53,13 @@ class Failover:
                 f"in {self.replan_s:.1f} s, resumed {self.resumed} request(s){lost}")
 
 
-def replan(build_dir: Path, lost: str, root: Path, n: int) -> Path:
-    """Compile the build's model again for its profile without ``lost``, into ``root/failover/<n>``.
+def replan(build_dir: Path, out: Path, edit: Callable[[dict], None]) -> Path:
+    """Compile the build's model again into ``out``, for its profile as ``edit`` changes it.
 
-    Same model, options and workload (exactly N stages becomes at most the devices
-    left; a file split names devices, so it becomes the MIP's). DeviceError if nothing
-    is left or the model no longer fits.
+    Same model, options and workload; the changed profile is written beside the
+    new build (``out.yaml``). Exactly N stages becomes at most the devices left;
+    a file split names devices, so it becomes the MIP's. LlcError from the compiler
+    (the model does not fit, say) passes through.
     """
     from llc.compiler import compile_model
 
@@ -65,30 +67,42 @@ def replan(build_dir: Path, lost: str, root: Path, n: int) -> Path:
     try:
         doc = yaml.safe_load(Path(plan.profile).read_text())
     except OSError as e:
-        raise DeviceError(lost, f"lost, and the profile {plan.profile} to re-plan with cannot be read "
-                                f"({e.strerror or e})") from None
-    doc["devices"] = [d for d in doc.get("devices", []) if d.get("name") != lost]
-    left = [d["name"] for d in doc["devices"]]
-    if not left:
-        raise DeviceError(lost, "lost, and no device is left to run the model")
+        raise LlcError(plan.profile, f"cannot read the profile to re-plan with ({e.strerror or e})") from None
+    edit(doc)
+    n = len(doc["devices"])
     stages = (doc.get("workload") or {}).get("stages")
-    if isinstance(stages, int) and stages > len(left):
-        doc["workload"]["stages"] = len(left)
-    folder = root / "failover"
-    folder.mkdir(parents=True, exist_ok=True)
-    profile_path = folder / f"profile-{n}.yaml"
+    if isinstance(stages, int) and stages > n:
+        doc["workload"]["stages"] = n
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile_path = out.with_name(out.name + ".yaml")
     profile_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     options = plan.inputs.options
     workload = Workload(**json.loads(options["workload"]))
-    if workload.stages is not None and workload.stages > len(left):
-        workload = replace(workload, stages=len(left))
+    if workload.stages is not None and workload.stages > n:
+        workload = replace(workload, stages=n)
+    compile_model(Path(plan.model.path), load_profile(profile_path), out, workload=workload,
+                  simplify=options.get("simplify") == "True", granularity=options.get("granularity", "layer"),
+                  split=options.get("split") if options.get("split") in ("even", "memory") else None,
+                  weights=options.get("weights", "fp32"),
+                  eos_token_ids=tuple(json.loads(options.get("eos_token_ids", "[]"))), quiet=True)
+    return out
+
+
+def without(build_dir: Path, lost: str, root: Path, n: int) -> Path:
+    """The build planned again over its devices but ``lost``, into ``root/failover/<n>``; DeviceError
+    (one line) if no device is left or the model does not fit the others."""
+    left: list[str] = []
+
+    def drop(doc: dict) -> None:
+        doc["devices"] = [d for d in doc.get("devices", []) if d.get("name") != lost]
+        left.extend(d["name"] for d in doc["devices"])
+        if not left:
+            raise DeviceError(lost, "lost, and no device is left to run the model")
+
     try:
-        compile_model(Path(plan.model.path), load_profile(profile_path), folder / str(n), workload=workload,
-                      simplify=options.get("simplify") == "True", granularity=options.get("granularity", "layer"),
-                      split=options.get("split") if options.get("split") in ("even", "memory") else None,
-                      weights=options.get("weights", "fp32"),
-                      eos_token_ids=tuple(json.loads(options.get("eos_token_ids", "[]"))), quiet=True)
+        return replan(build_dir, root / "failover" / str(n), drop)
+    except DeviceError:
+        raise
     except LlcError as e:
         raise DeviceError(lost, f"lost, and the model cannot be re-planned over {', '.join(left)}: "
                                 f"{e.message}") from None
-    return folder / str(n)

@@ -19,11 +19,13 @@ import click
 
 from llc.bundle import schema
 from llc.errors import DeviceError, LlcError, one_line_errors
+from llc.progress import to_stderr
 from llc.runtime.chat import ChatTemplate
 from llc.runtime.coordinator import (Coordinator, DeviceFailure, RequestResult, StageStats, TextStream,
                                      load_tokenizer)
 from llc.runtime.device.sampling import SamplingParams
-from llc.runtime.failover import Failover, replan
+from llc.runtime.balance import Balancer, Move, Rebalance
+from llc.runtime.failover import Failover, without
 from llc.targets.base import Target, make_target
 
 MIB = 1 << 20
@@ -147,11 +149,13 @@ def _print_summary(summary: dict) -> None:
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message in the model's chat template.")
 @click.option("--no-failover", is_flag=True, help="A lost device ends the run, instead of a re-plan over the "
                                                   "devices left that resumes every request.")
+@click.option("--no-balance", is_flag=True, help="Keep the plan when a device turns slower than it assumed, "
+                                                 "instead of moving layers off it.")
 @one_line_errors
 def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
         top_k: int, top_p: float, seed: int | None, concurrency: int, json_path: Path | None,
         target_name: str | None, attach: bool, timeout: float, timeline_path: Path | None = None,
-        chat: bool = False, no_failover: bool = False) -> None:
+        chat: bool = False, no_failover: bool = False, no_balance: bool = False) -> None:
     """Generate text with the devices of BUILD_DIR (the output of `llc compile`)."""
     texts = _prompts(prompt, prompts_file)
     build = schema.open_build(build_dir)
@@ -180,15 +184,20 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
         elif done:
             click.echo(f"=== [{r.index}] {texts[r.index]}\n{streams[r.index].text}")
 
+    balancer = None if no_balance else Balancer(build_dir, build_dir, say=to_stderr)
     out = generate(build_dir, prompts, params, concurrency, on_token, target_name, attach, timeout,
-                   failover=not no_failover)
+                   failover=not no_failover, balancer=balancer)
     results, stage_stats, wall, started, failovers = out.results, out.stats, out.wall_s, out.started, out.failovers
     for f in failovers:
         click.echo(f"llc: {f.line()}", err=True)
+    for m in out.moves:
+        click.echo(f"llc: balance at {m.at_s:.1f} s: {m.line()}"
+                   + (f"; {m.lost_s:.1f} s to the next token" if m.lost_s is not None else ""), err=True)
     for r in results:
         r.text = tok.decode(r.tokens, skip_special_tokens=True)
     summary = _summary(results, stage_stats, wall, started, schema.open_build(out.build).plan)
     summary["failovers"] = [asdict(f) for f in failovers]
+    summary["moves"] = [asdict(m) for m in out.moves]
     if timeline_path:
         from llc.runtime.timeline import render_timeline
 
@@ -213,41 +222,58 @@ class Outcome:
     stats: list[StageStats]  # of the devices that finished the run
     wall_s: float
     started: float  # wall clock (time.time) at the start, to pick this run's device events
-    build: Path  # the build that finished the run: BUILD, or a re-plan of it after a loss
+    build: Path  # the build that finished the run: BUILD, or a re-plan of it (a loss, a move)
     failovers: list[Failover] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)
 
 
 def generate(build_dir: Path, prompts: list[list[int]], params: SamplingParams, concurrency: int,
              on_token: Callable[[RequestResult, int, bool], None] | None = None, target_name: str | None = None,
-             attach: bool = False, timeout: float = 60.0, failover: bool = True) -> Outcome:
+             attach: bool = False, timeout: float = 60.0, failover: bool = True,
+             balancer: Balancer | None = None) -> Outcome:
     """Every prompt through the build's devices (started here unless attached), surviving lost devices.
 
     A device lost on the way (llc.runtime.failover) is planned around when this
     run started the devices: a re-plan over the others, started, and every
     unfinished request resumed where it was. Otherwise, or with ``failover``
     off, the loss ends the run with DeviceFailure, as any other device failure does.
+    A ``balancer`` (llc.runtime.balance) watches the devices this run started and
+    moves layers off one that turns slow, the same way: re-plan, restart, resume.
     """
     results = [RequestResult(i, list(p)) for i, p in enumerate(prompts)]
     failovers: list[Failover] = []
-    lost_at = 0.0
+    moves: list[Move] = []
+    waiting: list = []  # the failover or move whose first token after the restart is awaited
+    since = 0.0
 
     def tokens(r: RequestResult, token: int, done: bool) -> None:
-        if failovers and failovers[-1].lost_s is None:
-            failovers[-1].lost_s = time.monotonic() - lost_at
+        if waiting:
+            waiting.pop().lost_s = time.monotonic() - since
         if on_token:
             on_token(r, token, done)
 
-    current, t0, started = Path(build_dir), time.monotonic(), time.time()
+    current, t0, started = Path(build_dir), 0.0, 0.0
     tokens_at_loss = -1
     while True:
         owned = False  # until connected: a device that fails to start is not lost, it is broken
         try:
             with devices_running(current, schema.open_build(current), target_name, attach, timeout) as coord:
                 owned = coord.owned
-                coord.generate(prompts, params, concurrency, tokens, results)
+                if not t0:  # the run's clock starts when its devices are up, and runs on through restarts
+                    t0, started = time.monotonic(), time.time()
+                watch = balancer if balancer is not None and owned else None
+                if watch is not None:
+                    watch.restart(current)
+                coord.generate(prompts, params, concurrency, tokens, results, watch=watch)
                 wall = time.monotonic() - t0
                 stats = coord.stats()
-            return Outcome(results, stats, wall, started, current, failovers)
+            return Outcome(results, stats, wall, started, current, failovers, moves)
+        except Rebalance as e:
+            since, current = time.monotonic(), e.build
+            moves.append(e.move)
+            waiting[:] = [e.move]
+            devices = ", ".join(schema.open_build(current).devices)
+            click.echo(f"llc: balance: {e.move.line()}; restarting with {devices}", err=True)
         except DeviceFailure as e:
             produced = sum(len(r.tokens) for r in results)
             # devices llc deploy started are not ours to re-plan; and a second loss before any
@@ -255,12 +281,13 @@ def generate(build_dir: Path, prompts: list[list[int]], params: SamplingParams, 
             if not failover or not owned or not e.lost or produced == tokens_at_loss:
                 raise
             tokens_at_loss = produced
-            lost_at = time.monotonic()
+            since = time.monotonic()
             click.echo(f"llc: device {e.device} lost ({e.reason}); re-planning over the others ...", err=True)
-            current = replan(current, e.device, Path(build_dir), len(failovers) + 1)
+            current = without(current, e.device, Path(build_dir), len(failovers) + 1)
             failovers.append(Failover(e.device, e.reason, tuple(schema.open_build(current).devices),
-                                      time.monotonic() - lost_at,
+                                      time.monotonic() - since,
                                       sum(r.finished is None and r.submitted > 0 for r in results)))
+            waiting[:] = [failovers[-1]]
 
 
 @contextlib.contextmanager

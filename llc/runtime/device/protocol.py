@@ -41,7 +41,7 @@ FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     STATS: {"device": ((str,), False), "stage": ((int,), False), "compute_ms": ((dict,), False),
             "steps": ((dict,), False), "rows": ((dict,), False), "bytes_sent": ((dict,), False), "active": ((int,), False),
             "rss_bytes": ((int,), False), "peak_rss_bytes": ((int,), False),
-            "events": ((list,), False)},
+            "events": ((list,), False), "poll": ((bool,), False)},  # poll: counters only (a balancer's)
     STOP: {},
     # rid: request id; prompt: token ids; params: SamplingParams as a dict
     REQUEST: {"rid": ((int,), True), "prompt": ((list,), True), "params": ((dict,), True)},

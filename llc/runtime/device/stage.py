@@ -201,10 +201,11 @@ class Stage:
             return protocol.pack(PONG, device=self.name, t=msg.get("t"), active=len(self.requests))
         if msg.type == STATS:
             rss, peak = memory_bytes()
+            poll = {"poll": True} if msg.get("poll") else {}  # counters only, tagged so
             return protocol.pack(STATS, device=self.name, stage=m.stage, compute_ms=self.compute_ms,
                                  steps=self.steps, rows=self.rows, bytes_sent=self.bytes_sent,
-                                 active=len(self.requests), events=[list(e) for e in self.events],
-                                 rss_bytes=rss, peak_rss_bytes=peak)
+                                 active=len(self.requests), events=[] if poll else [list(e) for e in self.events],
+                                 rss_bytes=rss, peak_rss_bytes=peak, **poll)
         if msg.type == STOP:
             self.stopping = True
         elif msg.type == REQUEST:

@@ -1,0 +1,96 @@
+"""Load balancing: a device slower than the plan assumed, relative to the others, loses layers;
+the run goes on with the tokens an undisturbed run gives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import Reference, compiled_build
+from llc.bundle import schema
+from llc.runtime.balance import Balancer, Rebalance
+from llc.runtime.device.sampling import SamplingParams
+from llc.runtime.run import generate
+from models import small_llama
+
+PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 20, 21, 22, 23], [1, 40]]
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return small_llama()
+
+
+def blocks(build: Path) -> dict[str, int]:
+    plan = schema.read(build, schema.PLAN)
+    return {s.device: s.blocks[1] - s.blocks[0] + 1 for s in plan.stages}
+
+
+def stats(build: Path, slow: dict[str, float], steps: int) -> dict[str, dict]:
+    """What each device would report after ``steps`` decode steps, ``slow[d]`` times its predicted pace."""
+    plan = schema.read(build, schema.PLAN)
+    return {s.device: {"compute_ms": {"decode": steps * s.compute_ms_decode * slow.get(s.device, 1.0)},
+                       "steps": {"decode": steps}} for s in plan.stages}
+
+
+def test_a_device_slower_than_planned_loses_layers_after_two_windows(model, tmp_path):
+    build = compiled_build(model, tmp_path / "build", 3, requests=4, objective="throughput")
+    b = Balancer(build, build, min_interval_s=0, window_steps=8)
+    b(stats(build, {}, 0))
+    b(stats(build, {"dev1": 3.0}, 10))  # once: a blip
+    with pytest.raises(Rebalance) as moved:
+        b(stats(build, {"dev1": 3.0}, 20))
+    assert "dev1 ran 3.0x slower" in moved.value.move.reason and moved.value.move.expected_gain >= 1.2
+    before, after = blocks(build), blocks(moved.value.build)
+    assert after["dev1"] < before["dev1"] and sum(after.values()) == sum(before.values())
+
+
+def test_a_plan_off_for_every_device_alike_moves_nothing(model, tmp_path):
+    build = compiled_build(model, tmp_path / "build", 3, requests=1)
+    b = Balancer(build, build, min_interval_s=0, window_steps=8)
+    for k in range(6):
+        b(stats(build, {"dev0": 2.0, "dev1": 2.0, "dev2": 2.0}, 10 * k))  # 2x off, everywhere
+    assert b.moves == [] and not (tmp_path / "build" / "balance").exists()
+
+
+def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tmp_path):
+    """dev1 stopped 3 ms of every 4 (SIGSTOP/SIGCONT) from the first token on: the balancer moves layers
+    off it, the devices restart, and every request ends with the unsplit model's greedy tokens."""
+    build = compiled_build(model, tmp_path / "build", 3, eos_token_ids=[], requests=4, max_context=256,
+                           objective="throughput")
+    slowed = threading.Event()
+    done = threading.Event()
+
+    def throttle() -> None:
+        """Whichever dev1 runs now (the first build's, or a re-plan's under build/balance/<n>/)."""
+        while not done.is_set():
+            try:  # a pid file may go between the glob and the read: a restart under way
+                pid = int(sorted(build.glob("**/run/dev1.pid"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.003)
+                os.kill(pid, signal.SIGCONT)
+            except (IndexError, ValueError, OSError):
+                pass
+            time.sleep(0.001)
+
+    def on_token(r, token, finished):
+        if not slowed.is_set():
+            slowed.set()
+            threading.Thread(target=throttle, daemon=True).start()
+
+    balancer = Balancer(build, build, min_interval_s=1.0, window_steps=8)
+    try:
+        out = generate(build, PROMPTS, SamplingParams(max_new_tokens=120), 4, on_token, target_name="local",
+                       timeout=30, balancer=balancer)
+    finally:
+        done.set()
+    assert out.moves and out.moves[0].reason.startswith("dev1 ran") and "slower" in out.moves[0].reason
+    assert blocks(out.build)["dev1"] < blocks(build)["dev1"]
+    ref = Reference(model)
+    for prompt, r in zip(PROMPTS, out.results):
+        assert r.tokens == ref.greedy(prompt, 120), prompt
