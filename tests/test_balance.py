@@ -43,8 +43,11 @@ def test_a_device_slower_than_planned_loses_layers_after_two_windows(model, tmp_
     b = Balancer(build, build, min_interval_s=0, window_steps=8)
     b(stats(build, {}, 0))
     b(stats(build, {"dev1": 3.0}, 10))  # once: a blip
+    b(stats(build, {"dev1": 3.0}, 20))  # twice: a re-plan starts, beside the run
+    assert b.pending is not None
+    b.pending.thread.join()
     with pytest.raises(Rebalance) as moved:
-        b(stats(build, {"dev1": 3.0}, 20))
+        b(stats(build, {"dev1": 3.0}, 30))
     assert "dev1 ran 3.0x slower" in moved.value.move.reason and moved.value.move.expected_gain >= 1.2
     before, after = blocks(build), blocks(moved.value.build)
     assert after["dev1"] < before["dev1"] and sum(after.values()) == sum(before.values())
@@ -85,7 +88,7 @@ def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tm
 
     balancer = Balancer(build, build, min_interval_s=1.0, window_steps=8)
     try:
-        out = generate(build, PROMPTS, SamplingParams(max_new_tokens=120), 4, on_token, target_name="local",
+        out = generate(build, PROMPTS, SamplingParams(max_new_tokens=240), 4, on_token, target_name="local",
                        timeout=30, balancer=balancer)
     finally:
         done.set()
@@ -93,4 +96,4 @@ def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tm
     assert blocks(out.build)["dev1"] < blocks(build)["dev1"]
     ref = Reference(model)
     for prompt, r in zip(PROMPTS, out.results):
-        assert r.tokens == ref.greedy(prompt, 120), prompt
+        assert r.tokens == ref.greedy(prompt, 240), prompt

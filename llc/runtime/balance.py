@@ -15,7 +15,8 @@ Then:
 1. the profile is scaled by what was measured: a device k times slower than
    the median relative to the plan gets k times less compute rate and read
    bandwidth (k times more, if faster);
-2. the same compiler (the MIP and the cost model) plans the model again with it;
+2. the same compiler (the MIP and the cost model) plans the model again with it,
+   in a thread, while the devices go on with the old plan;
 3. if the new plan beats the current one under the measured speeds by ``min_gain``
    (in what the plan minimises: its slowest stage, or for the latency objective
    the sum of its stages), the devices restart with the new bundles and every request
@@ -32,12 +33,14 @@ with its reason and the gain the plan expects; the re-planned builds live in
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from llc.bundle import schema
+from llc.errors import LlcError
 from llc.runtime.failover import replan
 
 
@@ -91,8 +94,14 @@ class Balancer:
         self.since = time.monotonic()
         self.base: dict[str, tuple[float, int]] | None = None
         self.suspect: str | None = None
+        self.pending: Replan | None = None
 
     def __call__(self, stats: dict[str, dict]) -> None:
+        if self.pending is not None:  # a re-plan compiles beside the run: its verdict when it is done
+            if self.pending.thread.is_alive():
+                return
+            self.decide(self.pending)
+            return
         snap = {d: (float(m["compute_ms"]["decode"]), int(m["steps"]["decode"])) for d, m in stats.items()}
         if self.base is None or set(snap) != set(self.base):
             self.base = snap
@@ -121,9 +130,14 @@ class Balancer:
             return
         self.move(off, rel, ms)
 
+    def finish(self) -> None:
+        """The run is over: let a re-plan under way complete (emit never leaves half a build)."""
+        if self.pending is not None and self.pending.thread is not None:
+            self.pending.thread.join()
+        self.pending = None
+
     def move(self, off: str, rel: dict[str, float], ms: dict[str, float]) -> None:
-        t0 = time.monotonic()
-        current = self.cost(self.predicted[d] * rel[d] for d in rel)  # under the measured speeds, plan's units
+        """Plan again with the measured speeds, in a thread: the devices go on meanwhile."""
 
         def scale(doc: dict) -> None:
             for d in doc["devices"]:
@@ -132,18 +146,50 @@ class Balancer:
                     if d.get(key):
                         d[key] = round(float(d[key]) / k, 4)
 
-        out = replan(self.build, self.root / "balance" / str(len(self.moves) + 1), scale)
-        plan = schema.read(out, schema.PLAN)
-        new = self.cost(s.compute_ms_decode for s in plan.stages)
-        gain = current / new if new > 0 else 1.0
         how = f"{rel[off]:.1f}x slower" if rel[off] > 1 else f"{1 / rel[off]:.1f}x faster"
-        reason = f"{off} ran {how} than the plan assumed, relative to the others ({ms[off]:.1f} ms/step)"
+        job = Replan(f"{off} ran {how} than the plan assumed, relative to the others ({ms[off]:.1f} ms/step)",
+                     rel, ms, self.root / "balance" / str(len(self.moves) + 1))
+
+        def work() -> None:
+            try:
+                job.out = replan(self.build, job.out, scale)
+            except LlcError as e:
+                job.error = e.message
+            job.seconds = time.monotonic() - job.t0
+
+        job.thread = threading.Thread(target=work, name="llc-replan", daemon=True)
+        job.thread.start()
+        self.pending = job
+
+    def decide(self, job: "Replan") -> None:
+        """Move (raise Rebalance) if the new plan gains ``min_gain`` under the measured speeds, else stay."""
+        self.pending = None
+        current = self.cost(self.predicted[d] * job.rel[d] for d in job.rel)  # measured speeds, plan's units
+        gain = 1.0
+        if job.error is None:
+            new = self.cost(s.compute_ms_decode for s in schema.read(job.out, schema.PLAN).stages)
+            gain = current / new if new > 0 else 1.0
         if gain < self.min_gain:
             if self.say:
-                self.say(f"balance: {reason}; a new plan would gain only {gain:.2f}x: staying")
+                why = f"the re-plan failed ({job.error})" if job.error else f"a new plan would gain only {gain:.2f}x"
+                self.say(f"balance: {job.reason}; {why}: staying")
             self.since, self.suspect = time.monotonic(), None
             return
-        move = Move(reason, {d: round(v, 2) for d, v in ms.items()}, round(gain, 3), time.monotonic() - t0,
+        move = Move(job.reason, {d: round(v, 2) for d, v in job.ms.items()}, round(gain, 3), job.seconds,
                     time.monotonic() - self.started)
         self.moves.append(move)
-        raise Rebalance(out, move)
+        raise Rebalance(job.out, move)
+
+
+@dataclass
+class Replan:
+    """A re-plan under way in a thread, and what it found."""
+
+    reason: str
+    rel: dict[str, float]
+    ms: dict[str, float]
+    out: Path
+    t0: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+    error: str | None = None
+    thread: threading.Thread | None = None

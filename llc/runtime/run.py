@@ -266,6 +266,8 @@ def generate(build_dir: Path, prompts: list[list[int]], params: SamplingParams, 
                     watch.restart(current)
                 coord.generate(prompts, params, concurrency, tokens, results, watch=watch)
                 wall = time.monotonic() - t0
+                if watch is not None:
+                    watch.finish()
                 stats = coord.stats()
             return Outcome(results, stats, wall, started, current, failovers, moves)
         except Rebalance as e:
