@@ -52,10 +52,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def lab_launchers() -> list[int]:
-    """Pids of launcher.py processes in this lab's cgroups (that is, on its phones)."""
+def lab_launchers(phone: str = "*") -> list[int]:
+    """Pids of launcher.py processes in this lab's cgroups (that is, on its phones, or on ``phone``)."""
     pids = []
-    for procs in Path(f"/sys/fs/cgroup/cpu/{NAME}-lab").glob("*/cgroup.procs"):
+    for procs in Path(f"/sys/fs/cgroup/cpu/{NAME}-lab").glob(f"{phone}/cgroup.procs"):
         for pid in procs.read_text().split():
             try:
                 if b"launcher.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -255,6 +255,36 @@ def test_run_with_target_adb_deploys_and_stops(lab, build, tmp_path):
     assert "starting 3 device(s) with target adb" in proc.stderr
     assert lab_launchers() == []
     assert record(build)["running"] is False
+
+
+@pytest.mark.lab
+def test_a_phone_whose_launcher_is_killed_is_planned_around(lab, build, monkeypatch):
+    """`llc run --target adb` with 4 requests in flight; one phone's launcher is SIGKILLed mid-run: the
+    others get a new plan over adb, and every request ends with the unsplit model's greedy tokens."""
+    from llc.runtime.device.sampling import SamplingParams
+    from llc.runtime.run import generate
+
+    monkeypatch.setenv("ADB_SERVER_SOCKET", f"tcp:localhost:{ADB_PORT}")
+    victim = stages(build)[1]
+    seen: list[int] = []
+
+    def on_token(r, token, done):
+        seen.append(token)
+        if len(seen) == 6:
+            for pid in lab_launchers(victim):
+                os.kill(pid, signal.SIGKILL)
+
+    tok = {p: [1] + [int(w[1:]) for w in p.split()] for p in PROMPTS}  # the test tokenizer: <s> wN -> N
+    out = generate(build, list(tok.values()), SamplingParams(max_new_tokens=24), 4, on_token, target_name="adb",
+                   timeout=120)
+    (f,) = out.failovers
+    assert f.device == victim and victim not in f.devices_left and len(f.devices_left) == 2
+    reference = Reference(tiny_llama("legacy"))
+    eos = set(schema.open_build(build).manifest(stages(build)[-1]).eos_token_ids)
+    for prompt, r in zip(tok.values(), out.results):
+        assert r.tokens == reference.greedy(prompt, 24, eos), prompt
+    print(f"phone {victim} lost: re-planned in {f.replan_s:.1f} s, {f.lost_s:.1f} s to the next token")
+    assert lab_launchers() == []
 
 
 @pytest.mark.lab
