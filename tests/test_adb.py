@@ -26,6 +26,7 @@ from llc.bundle import schema
 from helpers import Reference, write_tokenizer
 from llc.lab.phones import PhoneSpec
 from llc.profile import load_profile
+from llc.runtime.device import PACKAGE
 from llc.targets.adb import Adb, AdbTarget, Phone, check_runtime, connect, runtime_problem
 from llc.targets.base import TargetError, make_target
 from models import small_llama, tiny_llama
@@ -53,12 +54,13 @@ def alive(pid: int) -> bool:
 
 
 def lab_launchers(phone: str = "*") -> list[int]:
-    """Pids of launcher.py processes in this lab's cgroups (that is, on its phones, or on ``phone``)."""
+    """Pids of device runtimes (``python -m llc_runtime.main``, what run.sh execs) in this lab's
+    cgroups: that is, on its phones, or on ``phone``."""
     pids = []
     for procs in Path(f"/sys/fs/cgroup/cpu/{NAME}-lab").glob(f"{phone}/cgroup.procs"):
         for pid in procs.read_text().split():
             try:
-                if b"launcher.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if f"{PACKAGE}.main".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     pids.append(int(pid))
             except OSError:
                 pass

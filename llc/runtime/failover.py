@@ -95,6 +95,9 @@ def without(build_dir: Path, lost: str, root: Path, n: int) -> Path:
 
     def drop(doc: dict) -> None:
         doc["devices"] = [d for d in doc.get("devices", []) if d.get("name") != lost]
+        network = doc.get("network") or {}
+        if isinstance(network.get("links"), list):  # measured links name their two ends
+            network["links"] = [k for k in network["links"] if lost not in (k.get("between") or ())]
         left.extend(d["name"] for d in doc["devices"])
         if not left:
             raise DeviceError(lost, "lost, and no device is left to run the model")
