@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import document
 
-FORMAT = 3
+FORMAT = 4  # 4: stats polls (`poll`), which an older runtime refuses
 ROLES = ("input_ids", "attention_mask", "position_ids")
 PADDINGS = ("left", "right")
 SOURCES = ("graph", "kv", "stage")
