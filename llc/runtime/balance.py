@@ -80,6 +80,7 @@ class Balancer:
     window_steps: int = 16
     say: Callable[[str], None] | None = None
     started: float = field(default_factory=time.monotonic)
+    windows: list[dict] = field(default_factory=list)  # what each window measured: `llc run --json` shows it
 
     def __post_init__(self):
         self.restart(self.build)
@@ -114,6 +115,9 @@ class Balancer:
         if len(ms) < 2 or any(self.predicted.get(d, 0) <= 0 for d in ms):
             return
         ratio = {d: ms[d] / self.predicted[d] for d in ms}
+        self.windows.append({"at_s": round(time.monotonic() - self.started, 2), "build": str(self.build),
+                             "ms_per_step": {d: round(v, 3) for d, v in ms.items()},
+                             "predicted_ms_per_step": {d: round(self.predicted[d], 3) for d in ms}})
         median = statistics.median(ratio.values())
         rel = {d: r / median for d, r in ratio.items()}
         # A slower device matters when it is the pipeline's slowest stage (a stage with little to do

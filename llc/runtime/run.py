@@ -198,6 +198,8 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
     summary = _summary(results, stage_stats, wall, started, schema.open_build(out.build).plan)
     summary["failovers"] = [asdict(f) for f in failovers]
     summary["moves"] = [asdict(m) for m in out.moves]
+    if balancer is not None:  # each stage's pace against the plan, every couple of seconds
+        summary["windows"] = balancer.windows
     if timeline_path:
         from llc.runtime.timeline import render_timeline
 
