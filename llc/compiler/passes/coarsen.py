@@ -80,13 +80,16 @@ def legal_cuts(model: onnx.ModelProto, cls: dict[str, str], kv_inputs: set[str])
     return [c for k, c in enumerate(cuts) if k == 0 or cuts[k - 1] != c - 1]
 
 
-def _signature(model: onnx.ModelProto, nodes: list[int]) -> tuple[str, ...]:
-    """The ops that compute, in order: layers match even where simplification left a Reshape in one
-    and not in another (onnxsim drops the no-op ones it can prove, which differ at the last layer)."""
-    return tuple(n.op_type for n in (model.graph.node[i] for i in nodes) if n.op_type not in RESHAPES)
+def _signature(model: onnx.ModelProto, nodes: list[int], cls: dict[str, str]) -> tuple[str, ...]:
+    """The ops that compute the stream, in order. Layers then match even where simplification left
+    a no-op Reshape in one and not another (onnxsim proves different ones at the last layer), or where
+    the first layer also does shape arithmetic the others reuse (a Concat of sizes)."""
+    g = model.graph
+    return tuple(g.node[i].op_type for i in nodes if g.node[i].op_type not in RESHAPES
+                 and any(cls.get(o) == "stream" for o in g.node[i].output))
 
 
-def group_layers(model: onnx.ModelProto, spans: list[list[int]], kv_inputs: set[str]):
+def group_layers(model: onnx.ModelProto, spans: list[list[int]], kv_inputs: set[str], cls: dict[str, str]):
     """Merge fine spans into (label, kind, nodes): embed, layer 0..L-1, head."""
     g = model.graph
     reads_kv = [any(i in kv_inputs for k in s if g.node[k].op_type not in SHAPE_OPS
@@ -98,13 +101,13 @@ def group_layers(model: onnx.ModelProto, spans: list[list[int]], kv_inputs: set[
     if starts[0] > 0:
         groups.append(("embed", "embed", [i for s in spans[: starts[0]] for i in s]))
     trailing = (starts[1] - starts[0] - 1) if len(starts) > 1 else 0
-    first_tail = [_signature(model, spans[starts[0] + 1 + j]) for j in range(trailing)]
+    first_tail = [_signature(model, spans[starts[0] + 1 + j], cls) for j in range(trailing)]
     for li, k in enumerate(starts):
         end = starts[li + 1] if li + 1 < len(starts) else len(spans)
         if li + 1 == len(starts):  # last layer: take as many trailing spans as layer 0 has
             take = 0
             while (take < trailing and k + 1 + take < len(spans)
-                   and _signature(model, spans[k + 1 + take]) == first_tail[take]):
+                   and _signature(model, spans[k + 1 + take], cls) == first_tail[take]):
                 take += 1
             end = k + 1 + take
         groups.append((f"layer {li}", "layer", [i for s in spans[k:end] for i in s]))
@@ -127,7 +130,7 @@ class Coarsen:
         bounds = [0] + cuts + [len(g.node)]
         spans = [list(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
         if self.granularity == "layer":
-            groups = group_layers(model, spans, sig.kv_inputs)
+            groups = group_layers(model, spans, sig.kv_inputs, cls)
         else:
             groups = [(f"block {k}", "block", s) for k, s in enumerate(spans)]
         if not groups:
