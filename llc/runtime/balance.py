@@ -83,10 +83,12 @@ class Balancer:
     windows: list[dict] = field(default_factory=list)  # what each window measured: `llc run --json` shows it
 
     def __post_init__(self):
+        self.pending: Replan | None = None
         self.restart(self.build)
 
     def restart(self, build: Path) -> None:
         """Watch ``build`` from now on (after a move or a failover): fresh counters, fresh interval."""
+        self.finish()  # a re-plan still compiling (a failover came first) must not race the next one's folder
         plan = schema.read(build, schema.PLAN)
         self.build = build
         self.predicted = {s.device: s.compute_ms_decode for s in plan.stages}
@@ -119,6 +121,8 @@ class Balancer:
                              "ms_per_step": {d: round(v, 3) for d, v in ms.items()},
                              "predicted_ms_per_step": {d: round(self.predicted[d], 3) for d in ms}})
         median = statistics.median(ratio.values())
+        if median <= 0 or min(ratio.values()) <= 0:  # a stage that measured no time: nothing to go by
+            return
         rel = {d: r / median for d, r in ratio.items()}
         # A slower device matters when it is the pipeline's slowest stage (a stage with little to do
         # measures its fixed per-step costs, which the plan does not predict); a faster one, anywhere.
