@@ -129,7 +129,9 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
           f"ratios {mid / fast:.3f} and {slow / fast:.3f}")
     assert fast > mid > slow
     assert all(d.gflops_prefill > d.gflops and d.memory_gbps > 0 for d in profile.devices)
-    assert 0.2 <= slow / fast <= 0.3
+    # a 0.25 CPU quota measures 0.25-0.34 of the free phone (0.337 once, on a loaded host: CFS lets a
+    # short probe run a little over its share); a quota that acts as a budget would measure near 1
+    assert 0.2 <= slow / fast <= 0.37
     for d, spec in zip(profile.devices, SPECS):  # each phone's memory cgroup: its limit less what is in use
         print(f"{d.name}: {d.memory_mb} MB of its {spec.memory_mb} MB limit")
         assert spec.memory_mb - 150 < d.memory_mb <= spec.memory_mb
