@@ -29,7 +29,6 @@ Writes the JSON, a markdown table (``.md`` beside it) and a bar chart (``.svg``)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -46,16 +45,14 @@ from llc.runtime.device.sampling import SamplingParams
 from llc.targets.local import LocalTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chart import grouped_bars  # noqa: E402
+from report import grouped_bars, logger, markdown, write  # noqa: E402
+
+log = logger("batch")
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three primary colours are", "Water boils at", "My favourite book is",
            "The quick brown fox", "In 1969, the first"]
 IN_FLIGHT = (1, 2, 4)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def profile(path: Path, stages: int, port: int, max_batch: int) -> Path:
@@ -143,23 +140,15 @@ def report(args, stage_counts: list[int], runs: dict[tuple, list[dict]]) -> None
                 "head_ms_per_step": med([x["ms_per_decode_step"] or 0 for x in b]),
                 "identical_tokens": same,
             })
-    head = ("| stages | in flight | batched tok/s | one at a time tok/s | batched / 1 in flight | "
-            "one at a time / 1 in flight | batched / one at a time | mean batch | head ms/step | same tokens |")
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(f"| {r['stages']} | {r['in_flight']} | {r['batched_tok_s']:.1f} | {r['one_at_a_time_tok_s']:.1f} "
-                     f"| {r['batched_vs_1']:.2f}x | {r['one_at_a_time_vs_1']:.2f}x | "
-                     f"{r['batched_vs_one_at_a_time']:.2f}x | {r['mean_batch']:.2f} | {r['head_ms_per_step']:.1f} "
-                     f"| {'yes' if r['identical_tokens'] else 'NO'} |")
-    table = "\n".join(lines)
-    print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": str(args.model), "weights": args.weights, "reps": args.reps,
-                                     "new_tokens": args.new_tokens, "prompts": args.prompts, "rows": rows},
-                                    indent=1) + "\n")
-    args.json.with_suffix(".md").write_text(table + "\n")
-    args.json.with_suffix(".svg").write_text(chart(rows))
-    log(f"wrote {args.json}, .md and .svg")
+    head = ["stages", "in flight", "batched tok/s", "one at a time tok/s", "batched / 1 in flight",
+            "one at a time / 1 in flight", "batched / one at a time", "mean batch", "head ms/step", "same tokens"]
+    table = markdown(head, [
+        [r["stages"], r["in_flight"], f"{r['batched_tok_s']:.1f}", f"{r['one_at_a_time_tok_s']:.1f}",
+         f"{r['batched_vs_1']:.2f}x", f"{r['one_at_a_time_vs_1']:.2f}x", f"{r['batched_vs_one_at_a_time']:.2f}x",
+         f"{r['mean_batch']:.2f}", f"{r['head_ms_per_step']:.1f}", "yes" if r["identical_tokens"] else "NO"]
+        for r in rows])
+    write(args.json, {"model": str(args.model), "weights": args.weights, "reps": args.reps,
+                      "new_tokens": args.new_tokens, "prompts": args.prompts, "rows": rows}, table, chart(rows))
 
 
 def chart(rows: list[dict]) -> str:

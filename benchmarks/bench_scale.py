@@ -37,15 +37,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale_models  # noqa: E402
-from chart import grouped_bars  # noqa: E402
+from report import grouped_bars, logger, markdown, write  # noqa: E402
+
+log = logger("scale")
 
 DEVICES, DEVICE_MB = 4, 1600
 PROMPT = "The history of the printing press begins"
 MB = 1e6
-
-
-def log(msg: str) -> None:
-    print(f"[scale] {msg}", file=sys.stderr, flush=True)
 
 
 def profile(path: Path, memory_mb: int, port: int) -> Path:
@@ -150,23 +148,15 @@ def main() -> None:
 
 
 def report(args, rows: list[dict]) -> None:
-    head = ("| model | weights | model MB | compile s (cold) | peak RSS MB | RSS / model | simplify s | quantize s "
-            "| MIP s | emit s | re-compile s | bundles MB | verify s | verify RSS MB | verify worst | tok/s (4 dev) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r['size']} ({r['params'] / 1e9:.2f}B) | {r['weights']} | {r['model_bytes'] / MB:,.0f} "
-            f"| {r['compile_s']} | {r['compile_peak_rss_mb']:,} | {r['rss_over_model']:.2f} | {r['simplify_s']} "
-            f"| {r['quantize_s']} | {r['mip_s']} | {r['emit_s']} | {r['recompile_s']} "
-            f"| {r['bundle_bytes'] / MB:,.0f} | {r['verify_s']} | {r['verify_peak_rss_mb']:,} "
-            f"| {r['verify_worst']:.1e} | {r['tokens_per_s']} |")
-    table = "\n".join(lines)
-    print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"devices": DEVICES, "device_mb": DEVICE_MB, "rows": rows}, indent=1) + "\n")
-    args.json.with_suffix(".md").write_text(table + "\n")
-    args.json.with_suffix(".svg").write_text(chart(rows))
-    log(f"wrote {args.json}, .md and .svg")
+    head = ["model", "weights", "model MB", "compile s (cold)", "peak RSS MB", "RSS / model", "simplify s",
+            "quantize s", "MIP s", "emit s", "re-compile s", "bundles MB", "verify s", "verify RSS MB",
+            "verify worst", "tok/s (4 dev)"]
+    table = markdown(head, [
+        [f"{r['size']} ({r['params'] / 1e9:.2f}B)", r["weights"], f"{r['model_bytes'] / MB:,.0f}", r["compile_s"],
+         f"{r['compile_peak_rss_mb']:,}", f"{r['rss_over_model']:.2f}", r["simplify_s"], r["quantize_s"], r["mip_s"],
+         r["emit_s"], r["recompile_s"], f"{r['bundle_bytes'] / MB:,.0f}", r["verify_s"],
+         f"{r['verify_peak_rss_mb']:,}", f"{r['verify_worst']:.1e}", r["tokens_per_s"]] for r in rows])
+    write(args.json, {"devices": DEVICES, "device_mb": DEVICE_MB, "rows": rows}, table, chart(rows))
 
 
 def chart(rows: list[dict]) -> str:

@@ -21,6 +21,22 @@ def _isolated_llc_state(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLC_SECRET_FILE", str(root / "build-secret"))
 
 
+@pytest.fixture(scope="module")
+def model() -> Path:
+    """The tiny random llama that most runtime tests split; a module may define its own ``model``."""
+    from models import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """``model`` unsplit in one onnxruntime session: what every split run must equal."""
+    from helpers import Reference
+
+    return Reference(model)
+
+
 def write_profile(path: Path, n: int, *, memory_mb=2000, gflops=8.0, target="local",
                   base_port=None, **workload) -> Path:
     """A profile of ``n`` local devices; per-device lists are allowed for memory and speed."""

@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Reference, compiled_build
+from helpers import compiled_build
 from llc.errors import DeviceError
 from llc.runtime.device.sampling import SamplingParams
 from llc.runtime.run import generate
-from models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 20, 21, 22, 23], [1, 40]]
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def reference(model) -> Reference:
-    return Reference(model)
 
 
 def pid_of(build: Path, device: str) -> int:

@@ -37,16 +37,6 @@ PROMPTS = [[1, 17], [1, 40, 41, 42, 43], [1] + list(range(100, 111)), [1, 7, 8, 
 EOS = {2}
 
 
-@pytest.fixture(scope="module")
-def model() -> Path:
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def reference(model) -> Reference:
-    return Reference(model)
-
-
 @pytest.fixture
 def target():
     t = LocalTarget(ready_timeout=30)

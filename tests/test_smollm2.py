@@ -7,18 +7,20 @@ in one onnxruntime session. The models are exported first when missing
 (examples/smollm2/export.py is a no-op when the export is complete).
 
 The builds are compiled with no EOS token so every request yields exactly the
-40 tokens asked for (SmolLM2 ends "The capital of France is" after 30). The
-four compiles run two at a time in subprocesses: the MIP dominates and is
-single-threaded.
+40 tokens asked for (SmolLM2 ends "The capital of France is" after 30). Each
+compile runs in a subprocess, and each build is deleted once verified: eight
+fp32 builds at once filled a CI machine's disk.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,39 +67,43 @@ def model() -> Path:
     return export("legacy")
 
 
+@dataclass(frozen=True)
+class Builds:
+    """Where and how this module compiles: one profile of 4 local devices (1 thread each), no EOS."""
+
+    root: Path
+    profile: Path
+    env: dict[str, str]
+    models: dict[str, Path]
+
+    def compile(self, exporter: str, stages: int, out: Path) -> Path:
+        proc = subprocess.run([sys.executable, "-c", COMPILE, str(self.models[exporter]), str(self.profile), str(out),
+                               str(stages)], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, f"compile of the {exporter} export for {stages} stage(s) failed:\n{proc.stderr}"
+        return out
+
+
 @pytest.fixture(scope="module")
-def all_builds(tmp_path_factory) -> dict[tuple[str, int], Path]:
-    """One build per exporter and stage count, from a profile of 4 local devices (1 thread each), no EOS."""
+def compiler(tmp_path_factory) -> Builds:
     root = tmp_path_factory.mktemp("smollm2")
-    profile = write_profile(root / "devices.yaml", 4, base_port=free_port_range(4), requests_in_flight=2)
     # The builds' keys come from the test session's secret (see conftest), created once here:
-    # two compiles starting together would both try to create it.
+    # compiles in subprocesses would each try to create it.
     secret = tmp_path_factory.getbasetemp() / "build-secret"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLC_SECRET_FILE", str(secret))
         from llc.compiler.passes.layout import build_secret
 
         build_secret()
-    env = dict(os.environ, LLC_SECRET_FILE=str(secret))
-    models = {exporter: export(exporter) for exporter in EXPORTS}
-
-    def compile_one(job: tuple[str, int]) -> Path:
-        exporter, n = job
-        out = root / f"{exporter}-stages{n}"
-        proc = subprocess.run([sys.executable, "-c", COMPILE, str(models[exporter]), str(profile), str(out), str(n)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"compile of the {exporter} export for {n} stage(s) failed:\n{proc.stderr}"
-        return out
-
-    jobs = [(e, n) for e in EXPORTS for n in sorted(STAGES, reverse=True)]  # the slowest (most stages) first
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(jobs, pool.map(compile_one, jobs)))
+    return Builds(root, write_profile(root / "devices.yaml", 4, base_port=free_port_range(4), requests_in_flight=2),
+                  dict(os.environ, LLC_SECRET_FILE=str(secret)), {e: export(e) for e in EXPORTS})
 
 
 @pytest.fixture(scope="module")
-def builds(all_builds) -> dict[int, Path]:
-    """The legacy export's builds by stage count."""
-    return {n: b for (e, n), b in all_builds.items() if e == "legacy"}
+def three_stages(compiler) -> Iterator[Path]:
+    """The legacy export over 3 devices, which the run and serve tests share."""
+    out = compiler.compile("legacy", 3, compiler.root / "legacy-stages3")
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +113,22 @@ def reference(model) -> Reference:
 
 @pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize("exporter", sorted(EXPORTS))
-def test_compile_and_verify(all_builds, exporter, stages):
-    build = all_builds[(exporter, stages)]
-    plan = schema.read(build, schema.PLAN)
-    assert len(plan.stages) == stages
-    assert all(schema.read_manifest(build / s.manifest).threads == 1 for s in plan.stages)
-    from llc.cli import main
+def test_compile_and_verify(compiler, three_stages, exporter, stages):
+    """Each fp32 build is 650 MB: one at a time is on disk (besides the shared 3-stage one)."""
+    own = (exporter, stages) != ("legacy", 3)
+    build = compiler.compile(exporter, stages, compiler.root / f"{exporter}-stages{stages}") if own else three_stages
+    try:
+        plan = schema.read(build, schema.PLAN)
+        assert len(plan.stages) == stages
+        assert all(schema.read_manifest(build / s.manifest).threads == 1 for s in plan.stages)
+        from llc.cli import main
 
-    result = CliRunner().invoke(main, ["verify", str(build), "--tolerance", "1e-4"])
-    assert result.exit_code == 0, result.output
-    assert "ok: split == unsplit within 0.0001" in result.output
-
+        result = CliRunner().invoke(main, ["verify", str(build), "--tolerance", "1e-4"])
+        assert result.exit_code == 0, result.output
+        assert "ok: split == unsplit within 0.0001" in result.output
+    finally:
+        if own:
+            shutil.rmtree(build, ignore_errors=True)
 
 def llc_run(build: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "llc.cli", "run", str(build), "--max-new-tokens", str(NEW_TOKENS), *args]
@@ -126,8 +137,8 @@ def llc_run(build: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_llc_run_3_devices_matches_unsplit_greedy(builds, reference, tmp_path):
-    build = builds[3]
+def test_llc_run_3_devices_matches_unsplit_greedy(three_stages, reference, tmp_path):
+    build = three_stages
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
@@ -160,7 +171,7 @@ def test_llc_run_3_devices_matches_unsplit_greedy(builds, reference, tmp_path):
     assert f"{devices[0]}->{devices[1]}" in summary["hops"] and f"{devices[2]}->{devices[0]}" in summary["hops"]
 
 
-def test_serve_chat_equals_transformers_greedy_chat(builds):
+def test_serve_chat_equals_transformers_greedy_chat(three_stages):
     """llc serve over 3 devices: a greedy chat answer is transformers' greedy chat answer, same template."""
     import os
 
@@ -183,7 +194,7 @@ def test_serve_chat_equals_transformers_greedy_chat(builds):
         out = model.generate(**ids, do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
     want = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    server = Server(builds[3])
+    server = Server(three_stages)
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         model_id = client.models.list().data[0].id

@@ -1,6 +1,37 @@
-"""Grouped bar charts as SVG for the benchmarks (no plotting library: a few rects and labels)."""
+"""What every benchmark writes: a markdown table (printed, and saved beside the JSON) and a picture.
+
+The charts are SVG drawn by hand (a few rects and labels): no plotting library to install.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def logger(tag: str):
+    """A progress printer for one benchmark: stderr, so stdout keeps only the table."""
+    def log(msg: str) -> None:
+        print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+def markdown(head: list[str], rows: list[list]) -> str:
+    """A markdown table of one header row and the given rows (cells already formatted)."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def write(json_path: Path, doc: dict, table: str, svg: str | None = None) -> None:
+    """Print the table; write the JSON, the table as ``.md`` and the picture as ``.svg`` beside it."""
+    print(table)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    json_path.with_suffix(".md").write_text(table + "\n")
+    if svg is not None:
+        json_path.with_suffix(".svg").write_text(svg)
+    print(f"wrote {json_path}, .md" + (" and .svg" if svg is not None else ""), file=sys.stderr)
 
 
 def grouped_bars(title: str, labels: list[str], series: list[tuple[str, str, list[float]]], width: int = 640,
