@@ -1,14 +1,20 @@
 """Load-balancing benchmark: tokens/s after one device slows down, with and without the balancer.
 
     python benchmarks/bench_balance.py [--model models/smollm2/model.onnx] [--devices 2] [--slow 4] [--reps 2]
+    python benchmarks/bench_balance.py --lab [--weights int4]       (root: the phone lab, over adb)
 
-Local devices (one onnxruntime thread each; two by default, one per core of a
-2-core machine, so that slowing one does not hand its core to the others) run 4
-requests in flight. At the first token, dev1's process is slowed ``--slow`` times: stopped
-(SIGSTOP) for (slow-1) ms of every ``slow`` ms, whichever process plays that
-device (the balancer restarts them). That stands in for a phone that throttles
-or that another app loads; the phone lab's CPU quotas are not used here. The
-same run is made with the balancer and with ``--no-balance``, in alternating
+4 requests are in flight. At the first token, the last device is slowed
+``--slow`` times, whichever process plays it (the balancer restarts them):
+
+- local devices (one onnxruntime thread each; two by default, one per core of
+  a 2-core machine, so that slowing one does not hand its core to the others):
+  the process is stopped (SIGSTOP) for (slow-1) ms of every ``slow`` ms;
+- ``--lab``: a phone lab of ``--devices`` phones of one full core each, profiled
+  by `llc profile` and deployed over adb; the phone's CPU quota is lowered to
+  1/slow of its core (`llc lab cpu`), as a phone that heats up and throttles,
+  and restored after the run.
+
+The same run is made with the balancer and with ``--no-balance``, in alternating
 order; tokens/s counts the tokens made after the slow-down over the time they
 took (the restart a move costs included), and "once settled" the pace after
 that restart (without a move: over the second half).
@@ -18,31 +24,37 @@ Writes JSON and a markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from llc.compiler import compile_model
+from llc.compiler import compile_model, with_overrides
 from llc.profile import load_profile
 from llc.runtime.balance import Balancer
 from llc.runtime.coordinator import load_tokenizer
 from llc.runtime.device.sampling import SamplingParams
 from llc.runtime.run import generate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import logger, markdown, write  # noqa: E402
+
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three laws of robotics are"]
 
 
-def log(msg: str) -> None:
-    print(f"[balance] {msg}", file=sys.stderr, flush=True)
+log = logger("balance")
+WORKLOAD = {"prompt_tokens": 32, "max_context": 512, "requests_in_flight": 4, "objective": "throughput"}
+LAB_ADB_PORT = 5167
 
 
 def throttle(build: Path, device: str, slow: float, stop: threading.Event) -> None:
@@ -59,21 +71,24 @@ def throttle(build: Path, device: str, slow: float, stop: threading.Event) -> No
         time.sleep(period / slow)
 
 
-def once(build: Path, prompts: list[list[int]], tokens: int, slow: float, balance: bool) -> dict:
-    stop, t_slow, made = threading.Event(), [], []
+def once(build: Path, prompts: list[list[int]], tokens: int, slow_down: Callable[[], Callable[[], None]],
+         balance: bool, target: str) -> dict:
+    """One run; ``slow_down()`` is called at the first token and returns what undoes it."""
+    t_slow, made, undo = [], [], []
 
     def on_token(r, token, done):
         made.append(time.monotonic())
         if not t_slow:
             t_slow.append(time.monotonic())
-            threading.Thread(target=throttle, args=(build, "dev1", slow, stop), daemon=True).start()
+            undo.append(slow_down())
 
     balancer = Balancer(build, build) if balance else None
     try:
         out = generate(build, prompts, SamplingParams(max_new_tokens=tokens), len(prompts), on_token,
-                       target_name="local", timeout=60, balancer=balancer)
+                       target_name=target, timeout=120, balancer=balancer)
     finally:
-        stop.set()
+        for u in undo:
+            u()
     after = [t for t in made if t > t_slow[0]]
     # the pace once the run settled: after the restart for a move (the longest pause), else the last half
     gap = max(range(1, len(after)), key=lambda i: after[i] - after[i - 1]) if out.moves else len(after) // 2
@@ -83,6 +98,52 @@ def once(build: Path, prompts: list[list[int]], tokens: int, slow: float, balanc
             "moves": [m.line() for m in out.moves], "tokens": [r.tokens for r in out.results]}
 
 
+def local_setup(args, tmp: Path) -> tuple[Path, Callable[[], Callable[[], None]]]:
+    """A profile of local devices; the slow-down stops the last one's process part of the time."""
+    profile = tmp / "devices.yaml"
+    profile.write_text(yaml.safe_dump({
+        "devices": [{"name": f"dev{i}", "target": "local", "memory_mb": 2000, "gflops": 8.0, "threads": 1}
+                    for i in range(args.devices)],
+        "network": {"bandwidth_mbps": 10000, "latency_ms": 0.05, "base_port": 6100},
+        "workload": WORKLOAD}, sort_keys=False))
+    build = tmp / "build"
+
+    def slow_down() -> Callable[[], None]:
+        stop = threading.Event()
+        threading.Thread(target=throttle, args=(build, f"dev{args.devices - 1}", args.slow, stop),
+                         daemon=True).start()
+        return stop.set
+
+    return profile, slow_down
+
+
+def lab_setup(args, tmp: Path, stack: contextlib.ExitStack) -> tuple[Path, Callable[[], Callable[[], None]]]:
+    """A lab of full-core phones, measured by `llc profile`; the slow-down lowers the last one's CPU quota."""
+    from llc.lab.phones import Lab, PhoneSpec
+
+    lab = Lab(tmp / "lab", adb_port=LAB_ADB_PORT, name="llcb", subnet="10.81.0")
+    lab.down()  # whatever a crashed earlier run left
+    stack.callback(lab.down)
+    lab.up([PhoneSpec(cpu=1.0, rate=args.rate, memory_mb=2000) for _ in range(args.devices)])
+    os.environ["ADB_SERVER_SOCKET"] = f"tcp:localhost:{LAB_ADB_PORT}"
+    doc = yaml.safe_load((lab.state_dir / "devices.yaml").read_text())
+    doc["workload"] = WORKLOAD
+    (tmp / "phones.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    log("llc profile of the lab's phones")
+    proc = subprocess.run([sys.executable, "-m", "llc.cli", "profile", str(tmp / "phones.yaml"), "-o",
+                           str(tmp / "devices.yaml"), "--adb-port", str(LAB_ADB_PORT)], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        sys.exit(f"llc profile failed: {proc.stderr.strip()}")
+    victim = lab.phones[-1].name
+
+    def slow_down() -> Callable[[], None]:
+        lab.set_cpu(victim, 1 / args.slow)
+        return lambda: lab.set_cpu(victim, 1.0)
+
+    return tmp / "devices.yaml", slow_down
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("models/smollm2/model.onnx"))
@@ -90,27 +151,33 @@ def main() -> None:
     ap.add_argument("--slow", type=float, default=4.0)
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=Path("bench-results/balance.json"))
+    ap.add_argument("--weights", default="fp32", choices=["fp32", "int8", "int4"])
+    ap.add_argument("--lab", action="store_true", help="phones of the lab over adb (root), their CPU quota lowered")
+    ap.add_argument("--rate", default="200mbit", help="--lab: each phone's link")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default bench-results/balance.json (balance-lab.json with --lab)")
     args = ap.parse_args()
+    args.json = args.json or Path(f"bench-results/balance{'-lab' if args.lab else ''}.json")
     if not args.model.is_file():
         sys.exit(f"{args.model}: not found; run: python examples/smollm2/export.py --out {args.model.parent}")
-    with tempfile.TemporaryDirectory(prefix="llc-balance-") as tmp:
+    target = "adb" if args.lab else "local"
+    with tempfile.TemporaryDirectory(prefix="llc-balance-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
-        profile = tmp / "devices.yaml"
-        profile.write_text(yaml.safe_dump({
-            "devices": [{"name": f"dev{i}", "target": "local", "memory_mb": 2000, "gflops": 8.0, "threads": 1}
-                        for i in range(args.devices)],
-            "network": {"bandwidth_mbps": 10000, "latency_ms": 0.05, "base_port": 6100},
-            "workload": {"prompt_tokens": 32, "max_context": 512, "requests_in_flight": 4,
-                         "objective": "throughput", "stages": args.devices}}, sort_keys=False))
+        profile, slow_down = lab_setup(args, tmp, stack) if args.lab else local_setup(args, tmp)
         build = tmp / "build"
-        compile_model(args.model, load_profile(profile), build, quiet=True)
+        log(f"compiling {args.model} ({args.weights}) for {args.devices} {target} devices")
+        workload = load_profile(profile).workload
+        # Quantized rows batched together differ slightly from rows alone (README, Limitations), so which
+        # requests meet in a batch would change the tokens from run to run: one request per step then.
+        batch = workload.max_batch if args.weights == "fp32" else 1
+        compile_model(args.model, load_profile(profile), build, quiet=True, weights=args.weights,
+                      workload=with_overrides(workload, stages=args.devices, max_batch=batch))
         tok = load_tokenizer(build)
         prompts = [tok.encode(p).ids for p in PROMPTS]
         runs: dict[bool, list[dict]] = {True: [], False: []}
         for rep in range(args.reps):
             for balance in ((True, False) if rep % 2 == 0 else (False, True)):
-                r = once(build, prompts, args.tokens, args.slow, balance)
+                r = once(build, prompts, args.tokens, slow_down, balance, target)
                 log(f"rep {rep} balance={balance}: {r['tok_s_after_slowdown']:.1f} tok/s after the slow-down, "
                     f"{r['tok_s_settled']:.1f} settled; moves {r['moves']}")
                 runs[balance].append(r)
@@ -119,24 +186,22 @@ def main() -> None:
     settled_b = statistics.median(r["tok_s_settled"] for r in runs[True])
     settled = statistics.median(r["tok_s_settled"] for r in runs[False])
     same = all(r["tokens"] == runs[False][0]["tokens"] for r in runs[True] + runs[False])
-    table = "\n".join([
-        "| devices | slow-down of dev1 | balancer | tok/s after the slow-down | vs without | tok/s once settled "
-        "| vs without | moves (first run) | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {args.devices} | {args.slow:g}x | on | {with_b:.1f} | {with_b / without:.2f}x | {settled_b:.1f} "
-        f"| {settled_b / settled:.2f}x | {len(runs[True][0]['moves'])} | {'yes' if same else 'NO'} |",
-        f"| {args.devices} | {args.slow:g}x | off (`--no-balance`) | {without:.1f} | 1.00x | {settled:.1f} | 1.00x | 0 "
-        f"| {'yes' if same else 'NO'} |"])
-    print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": str(args.model), "slow": args.slow, "tokens": args.tokens,
-                                     "with_balancer": with_b, "without": without, "ratio": with_b / without,
-                                     "settled_with": settled_b, "settled_without": settled,
-                                     "same_tokens": same, "moves": runs[True][0]["moves"],
-                                     "runs": {str(k): [{x: y for x, y in r.items() if x != "tokens"} for r in v]
-                                              for k, v in runs.items()}}, indent=1) + "\n")
-    args.json.with_suffix(".md").write_text(table + "\n")
-    log(f"wrote {args.json} and .md")
+    yes = "yes" if same else "NO"
+    where = f"{args.devices} {target}"
+    table = markdown(
+        ["devices", "slow-down of the last", "balancer", "tok/s after the slow-down", "vs without",
+         "tok/s once settled", "vs without", "moves (first run)", "same tokens"],
+        [[where, f"{args.slow:g}x", "on", f"{with_b:.1f}", f"{with_b / without:.2f}x", f"{settled_b:.1f}",
+          f"{settled_b / settled:.2f}x", len(runs[True][0]["moves"]), yes],
+         [where, f"{args.slow:g}x", "off (`--no-balance`)", f"{without:.1f}", "1.00x", f"{settled:.1f}", "1.00x", 0,
+          yes]])
+    write(args.json, {"model": str(args.model), "weights": args.weights, "target": target, "slow": args.slow,
+                      "tokens": args.tokens,
+                      "with_balancer": with_b, "without": without, "ratio": with_b / without,
+                      "settled_with": settled_b, "settled_without": settled, "same_tokens": same,
+                      "moves": runs[True][0]["moves"],
+                      "runs": {str(k): [{x: y for x, y in r.items() if x != "tokens"} for r in v]
+                               for k, v in runs.items()}}, table)
 
 
 if __name__ == "__main__":

@@ -292,6 +292,57 @@ def test_a_phone_whose_launcher_is_killed_is_planned_around(lab, build, monkeypa
 
 
 @pytest.mark.lab
+def test_a_phone_throttled_mid_run_is_balanced_away_with_the_same_tokens(lab, measured, tmp_path, monkeypatch):
+    """Mid-generation, the fastest phone's CPU quota drops to a quarter core (`llc lab cpu`), as a phone
+    that heats up: the balancer moves layers off it, the phones restart over adb with the new plan,
+    and every request ends with the unsplit model's greedy tokens."""
+    from llc.runtime.balance import Balancer
+    from llc.runtime.device.sampling import SamplingParams
+    from llc.runtime.run import generate
+
+    monkeypatch.setenv("ADB_SERVER_SOCKET", f"tcp:localhost:{ADB_PORT}")
+    build = tmp_path / "build"
+    proc = llc("compile", small_llama(), "--devices", measured, "--stages", 3, "--requests", 4, "--objective",
+               "throughput", "--max-context", 256, "-o", build, "-q")
+    assert proc.returncode == 0, proc.stderr
+    write_tokenizer(build / "tokenizer.json", 256)
+    victim = max(schema.read(build, schema.PLAN).stages, key=lambda s: s.blocks[1] - s.blocks[0]).device
+    assert victim == "phone1"  # the full-core phone holds the most layers
+    seen: list[int] = []
+
+    def on_token(r, token, done):
+        seen.append(token)
+        if len(seen) == 8:
+            assert llc("lab", "cpu", victim, 0.25, "--state-dir", lab.state_dir).returncode == 0
+
+    prompts = [[1] + [int(w[1:]) for w in p.split()] for p in PROMPTS]
+    balancer = Balancer(build, build, min_interval_s=2.0, window_steps=8)
+    try:
+        out = generate(build, prompts, SamplingParams(max_new_tokens=160), 4, on_token, target_name="adb",
+                       timeout=120, balancer=balancer)
+    finally:
+        lab.set_cpu(victim, 1.0)
+    assert out.moves and out.moves[0].reason.startswith(f"{victim} ran") and "slower" in out.moves[0].reason
+    blocks = {s.device: s.blocks[1] - s.blocks[0] for s in schema.read(out.build, schema.PLAN).stages}
+    before = {s.device: s.blocks[1] - s.blocks[0] for s in schema.read(build, schema.PLAN).stages}
+    assert blocks.get(victim, -1) < before[victim]
+    reference = Reference(small_llama())
+    eos = set(schema.open_build(build).manifest(stages(build)[-1]).eos_token_ids)
+    for prompt, r in zip(prompts, out.results):
+        assert r.tokens == reference.greedy(prompt, 160, eos), prompt
+    print("\n".join(m.line() + f"; {m.lost_s:.1f} s to the next token" for m in out.moves))
+    assert lab_launchers() == []
+
+
+def test_lab_cpu_names_a_phone_it_does_not_have(tmp_path):
+    (tmp_path / "lab.json").write_text(json.dumps({"name": "x", "subnet": "10.9.9", "bridge": "xbr0",
+                                                   "adb_port": 5999, "phones": []}))
+    proc = llc("lab", "cpu", "phone9", 0.5, "--state-dir", tmp_path)
+    assert proc.returncode != 0 and "no phone 'phone9' in this lab" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.lab
 def test_no_space_left_names_the_device(lab, build):
     """A full /data/local/tmp (a 16 KB tmpfs over the bundle folder, inside the phone) is named, not a traceback."""
     tail = stages(build)[-1]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import Reference, compiled_build
 from llc.bundle import schema
@@ -51,6 +52,49 @@ def test_a_device_slower_than_planned_loses_layers_after_two_windows(model, tmp_
     assert "dev1 ran 3.0x slower" in moved.value.move.reason and moved.value.move.expected_gain >= 1.2
     before, after = blocks(build), blocks(moved.value.build)
     assert after["dev1"] < before["dev1"] and sum(after.values()) == sum(before.values())
+
+
+def test_of_two_devices_the_slowed_one_alone_is_rescaled(model, tmp_path):
+    """Two devices, one 2.5x slower: against the other (not the median of both, which would show 1.43x
+    and no move) it is 2.5x slower, and the re-plan keeps the other's speed as the profile had it (were
+    it taken as faster, its new stage would run slower than planned, and the layers would move back)."""
+    build = compiled_build(model, tmp_path / "build", 2, requests=4, objective="throughput")
+    b = Balancer(build, build, min_interval_s=0, window_steps=8)
+    for k in range(3):
+        b(stats(build, {"dev1": 2.5, "dev0": 1.1}, 10 * k))  # the cost model 10% off for both, dev1 2.5x more
+    assert b.pending is not None and "dev1 ran 2.3x slower" in b.pending.reason
+    b.pending.thread.join()
+    with pytest.raises(Rebalance) as moved:
+        b(stats(build, {"dev1": 2.5, "dev0": 1.1}, 30))
+    profiles = [yaml.safe_load(Path(schema.read(x, schema.PLAN).profile).read_text())["devices"]
+                for x in (build, moved.value.build)]
+    speed = [{d["name"]: d["gflops"] for d in devices} for devices in profiles]
+    assert speed[1]["dev0"] == speed[0]["dev0"]
+    assert speed[1]["dev1"] == pytest.approx(speed[0]["dev1"] / (2.5 / 1.1), rel=1e-3)
+    assert blocks(moved.value.build)["dev1"] < blocks(build)["dev1"]
+
+
+def test_layers_go_back_to_the_relieved_device_only_for_a_clearly_better_plan(model, tmp_path):
+    """After a move off dev1, dev0 looking 2.2x slower (dev1's short steps look fast) is no reason to
+    move the layers back: the re-plan gains 1.27x, and that needs 2x, not 1.2x (with 1.2x it moves)."""
+    build = compiled_build(model, tmp_path / "build", 2, requests=4, objective="throughput")
+    said: list[str] = []
+    b = Balancer(build, build, min_interval_s=0, window_steps=8, say=said.append)
+
+    def window(at: Path, slow: dict[str, float], k: int) -> None:
+        b(stats(at, slow, 10 * k))
+        if b.pending is not None:
+            b.pending.thread.join()
+            b(stats(at, slow, 10 * k))
+
+    with pytest.raises(Rebalance) as moved:
+        for k in range(4):
+            window(build, {"dev1": 3.0}, k)
+    b.restart(moved.value.build)
+    for k in range(4):
+        window(moved.value.build, {"dev0": 2.2}, k)
+    assert len(b.moves) == 1
+    assert any("back onto dev1, which the last move relieved, would gain only" in line for line in said), said
 
 
 def test_a_plan_off_for_every_device_alike_moves_nothing(model, tmp_path):

@@ -34,6 +34,7 @@ Needs root, `adb`, `adbd` and iproute2 (scripts/install-lab-deps.sh).
 CLI (`llc lab ...` or `python -m llc.lab.phones ...`):
     up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --memory 1500,800,400 --state-dir /tmp/llc-lab
     status --state-dir /tmp/llc-lab
+    cpu phone1 0.25 --state-dir /tmp/llc-lab     (throttle a phone mid-run; 1 restores it)
     down --state-dir /tmp/llc-lab
 """
 
@@ -167,6 +168,15 @@ def cpu_quota(cpu: float) -> tuple[int, int]:
     """
     period = max(MIN_QUOTA_US, round(MIN_QUOTA_US / cpu))
     return max(MIN_QUOTA_US, round(cpu * period)), period
+
+
+def _write_cpu(cgroup: Path, cpu: float) -> tuple[int, int]:
+    """Give a phone's cpu cgroup the quota of ``cpu`` (a full core: no quota); returns (quota, period)."""
+    quota, period = cpu_quota(cpu)
+    (cgroup / "cpu.cfs_quota_us").write_text("-1")  # the period may only change under a quota that fits it
+    (cgroup / "cpu.cfs_period_us").write_text(str(period))
+    (cgroup / "cpu.cfs_quota_us").write_text(str(quota if cpu < 1 else -1))
+    return quota, period
 
 
 def assign_cores(cpus: list[float], cores: list[int]) -> list[int]:
@@ -356,9 +366,7 @@ class Lab:
 
         cgroup = self.cgroup / name
         cgroup.mkdir(exist_ok=True)
-        quota, period = cpu_quota(spec.cpu)
-        (cgroup / "cpu.cfs_period_us").write_text(str(period))
-        (cgroup / "cpu.cfs_quota_us").write_text(str(quota if spec.cpu < 1 else -1))
+        quota, period = _write_cpu(cgroup, spec.cpu)
         memcg = self.memcg / name
         memcg.mkdir(exist_ok=True)
         (memcg / "memory.limit_in_bytes").write_text(str(spec.memory_mb << 20))
@@ -434,14 +442,39 @@ class Lab:
 
     # ---- state -----------------------------------------------------------
 
+    def set_cpu(self, name: str, cpu: float) -> Phone:
+        """Slow a running phone down (or speed it up again), as a phone that heats up and throttles.
+
+        Everything on the phone feels it at once, a generation in progress
+        included. The phone keeps its core, so the phones on that core must
+        still add up to at most 1. devices.yaml keeps the speeds the lab came
+        up with, like a profile measured before the phone heated up.
+        """
+        phone = next((p for p in self.phones if p.name == name), None)
+        if phone is None:
+            raise LabError(f"no phone {name!r} in this lab (phones: {', '.join(p.name for p in self.phones)})")
+        if not 0 < cpu <= 1:
+            raise LabError(f"cpu {cpu}: must be > 0 and at most 1 (a share of one core)")
+        others = sum(p.cpu for p in self.phones if p.core == phone.core and p is not phone)
+        if others + cpu > 1 + 1e-9:
+            raise LabError(f"cpu {cpu:g} for {name}: its core {phone.core} holds phones of cpu {others:g} already "
+                           f"(a core holds at most 1.0)")
+        phone.cpu = cpu
+        phone.cpu_quota_us, phone.cpu_period_us = _write_cpu(Path(phone.cgroup), cpu)
+        self._write_state()
+        return phone
+
     def _save(self) -> None:
+        self._write_state()
+        (self.state_dir / "devices.yaml").write_text(self.profile_yaml())
+
+    def _write_state(self) -> None:
         state = {
             "name": self.name, "subnet": self.subnet, "bridge": self.bridge,
             "adb_port": self.adb_port, "adb_server_socket": f"tcp:localhost:{self.adb_port}",
             "phones": [asdict(p) for p in self.phones],
         }
         (self.state_dir / "lab.json").write_text(json.dumps(state, indent=2) + "\n")
-        (self.state_dir / "devices.yaml").write_text(self.profile_yaml())
 
     def profile_yaml(self) -> str:
         """The phones as an llc device profile (examples/devices/), ready for `llc compile`.
@@ -620,6 +653,17 @@ def up_cmd(n, cpu, rate, memory, names, adb_port, lab_name, subnet, state_dir) -
                    f"{p.rate:<10} {p.data_dir}")
     click.echo(f"state: {Path(state_dir) / 'lab.json'}   profile: {Path(state_dir) / 'devices.yaml'}")
     click.echo(f"adb:   export ADB_SERVER_SOCKET=tcp:localhost:{adb_port}   (or adb -P {adb_port} ...)")
+
+
+@lab.command("cpu")
+@click.argument("phone")
+@click.argument("cpu", type=float)
+@_state_opt
+@one_line_errors
+def cpu_cmd(phone, cpu, state_dir) -> None:
+    """Set a running PHONE's speed to CPU (a share of one core): throttle it mid-run, or restore it."""
+    p = Lab.load(state_dir).set_cpu(phone, cpu)
+    click.echo(f"{p.name}: cpu {p.cpu:g} ({p.cpu_quota_us}/{p.cpu_period_us} us, core {p.core})")
 
 
 @lab.command("status")

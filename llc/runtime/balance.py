@@ -6,15 +6,15 @@ the coordinator asks each device for its counters (the ``stats`` message without
 its event list: compute ms and decode steps so far). Over the last window of at
 least ``window_steps`` decode steps, each stage's measured ms per step is divided
 by the plan's prediction for it; the slowest stage, if its ratio is ``threshold``
-times the median stage's, or any stage at a ``threshold``-th of it, in two
-windows running, is slower (faster) than the plan thinks *relative to the
-others*: a phone that throttles, or one that has cooled down again. A cost
-model that is off for every stage alike moves nothing.
+times the median of the other stages', or any stage at a ``threshold``-th of
+it, in two windows running, is slower (faster) than the plan thinks *relative
+to the others*: a phone that throttles, or one that has cooled down again. A
+cost model that is off for every stage alike moves nothing.
 Then:
 
 1. the profile is scaled by what was measured: a device k times slower than
-   the median relative to the plan gets k times less compute rate and read
-   bandwidth (k times more, if faster);
+   the others' median relative to the plan gets k times less compute rate and
+   read bandwidth (k times more, if faster); the others stay near as they were;
 2. the same compiler (the MIP and the cost model) plans the model again with it,
    in a thread, while the devices go on with the old plan;
 3. if the new plan beats the current one under the measured speeds by ``min_gain``
@@ -25,7 +25,8 @@ Then:
 
 Hysteresis: a move waits ``min_interval_s`` after the start of the run or the
 last move (or the last plan that would not have gained enough), so a blip does
-not move anything and two moves never chase each other. Every move is logged
+not move anything; and layers go back onto the device the last move relieved
+only for ``reversal_gain``, so two moves do not chase each other. Every move is logged
 with its reason and the gain the plan expects; the re-planned builds live in
 ``BUILD/balance/<n>/``.
 """
@@ -42,6 +43,24 @@ from typing import Callable
 from llc.bundle import schema
 from llc.errors import LlcError
 from llc.runtime.failover import replan
+
+
+def relative(ratio: dict[str, float], off: str) -> dict[str, float]:
+    """Each device's measured/predicted pace against the median of the devices other than ``off``.
+
+    The others are the yardstick: what they share is the cost model's own bias,
+    and dividing it out leaves them near 1 and ``off`` at how much it changed.
+    (Against the median of all, two devices would show a 4x slow-down as 1.6x,
+    and the other device as 2.5x *faster*: the re-plan would then expect too
+    much of it, and the next window would move the layers back.)
+    """
+    base = statistics.median(r for d, r in ratio.items() if d != off)
+    return {d: r / base for d, r in ratio.items()}
+
+
+def blocks_of(plan: schema.PlanDoc, device: str) -> int:
+    """How many blocks ``device`` runs in ``plan`` (0 if none)."""
+    return sum(s.blocks[1] - s.blocks[0] + 1 for s in plan.stages if s.device == device)
 
 
 class Rebalance(Exception):
@@ -76,6 +95,7 @@ class Balancer:
     moves: list[Move] = field(default_factory=list)
     threshold: float = 1.5
     min_gain: float = 1.2
+    reversal_gain: float = 2.0  # to give layers back to the device the last move took them from
     min_interval_s: float = 10.0
     window_steps: int = 16
     say: Callable[[str], None] | None = None
@@ -84,6 +104,7 @@ class Balancer:
 
     def __post_init__(self):
         self.pending: Replan | None = None
+        self.relieved: str | None = None  # the device the last move took layers off, for being slow
         self.restart(self.build)
 
     def restart(self, build: Path) -> None:
@@ -120,14 +141,15 @@ class Balancer:
         self.windows.append({"at_s": round(time.monotonic() - self.started, 2), "build": str(self.build),
                              "ms_per_step": {d: round(v, 3) for d, v in ms.items()},
                              "predicted_ms_per_step": {d: round(self.predicted[d], 3) for d in ms}})
-        median = statistics.median(ratio.values())
-        if median <= 0 or min(ratio.values()) <= 0:  # a stage that measured no time: nothing to go by
+        if min(ratio.values()) <= 0:  # a stage that measured no time: nothing to go by
             return
-        rel = {d: r / median for d, r in ratio.items()}
         # A slower device matters when it is the pipeline's slowest stage (a stage with little to do
         # measures its fixed per-step costs, which the plan does not predict); a faster one, anywhere.
-        slowest, fastest = max(ms, key=ms.get), min(rel, key=rel.get)
-        off = slowest if rel[slowest] >= self.threshold else fastest if 1 / rel[fastest] >= self.threshold else None
+        # A faster one is measured against the median of all: against the others', a slow device among
+        # them would make a normal one look fast, and the two suspects would take turns, moving nothing.
+        slowest, fastest = max(ms, key=ms.get), min(ratio, key=ratio.get)
+        off = (slowest if relative(ratio, slowest)[slowest] >= self.threshold
+               else fastest if statistics.median(ratio.values()) / ratio[fastest] >= self.threshold else None)
         if off is None:
             self.suspect = None
             return
@@ -136,7 +158,7 @@ class Balancer:
             return
         if time.monotonic() - self.since < self.min_interval_s:
             return
-        self.move(off, rel, ms)
+        self.move(off, relative(ratio, off), ms)
 
     def finish(self) -> None:
         """The run is over: let a re-plan under way complete (emit never leaves half a build)."""
@@ -156,7 +178,7 @@ class Balancer:
 
         how = f"{rel[off]:.1f}x slower" if rel[off] > 1 else f"{1 / rel[off]:.1f}x faster"
         job = Replan(f"{off} ran {how} than the plan assumed, relative to the others ({ms[off]:.1f} ms/step)",
-                     rel, ms, self.root / "balance" / str(len(self.moves) + 1))
+                     rel, ms, self.root / "balance" / str(len(self.moves) + 1), off, rel[off] > 1)
 
         def work() -> None:
             try:
@@ -173,19 +195,29 @@ class Balancer:
         """Move (raise Rebalance) if the new plan gains ``min_gain`` under the measured speeds, else stay."""
         self.pending = None
         current = self.cost(self.predicted[d] * job.rel[d] for d in job.rel)  # measured speeds, plan's units
-        gain = 1.0
+        gain, need, why = 1.0, self.min_gain, ""
         if job.error is None:
-            new = self.cost(s.compute_ms_decode for s in schema.read(job.out, schema.PLAN).stages)
+            plan = schema.read(job.out, schema.PLAN)
+            new = self.cost(s.compute_ms_decode for s in plan.stages)
             gain = current / new if new > 0 else 1.0
-        if gain < self.min_gain:
+            # Layers go back onto the device the last move relieved only for a clearly better plan: it was
+            # found slow on a big stage, and the small one it keeps runs short steps, which fixed and
+            # bursty costs dominate (a throttled CPU runs a short burst at full speed), so it looks
+            # faster than it is. Without this, two moves chase each other.
+            back = self.relieved if self.relieved != job.off else None
+            if back is not None and blocks_of(plan, back) > blocks_of(schema.read(self.build, schema.PLAN), back):
+                need, why = self.reversal_gain, f" back onto {back}, which the last move relieved,"
+        if gain < need:
             if self.say:
-                why = f"the re-plan failed ({job.error})" if job.error else f"a new plan would gain only {gain:.2f}x"
-                self.say(f"balance: {job.reason}; {why}: staying")
+                how = f"the re-plan failed ({job.error})" if job.error else \
+                    f"a new plan{why} would gain only {gain:.2f}x"
+                self.say(f"balance: {job.reason}; {how}: staying")
             self.since, self.suspect = time.monotonic(), None
             return
         move = Move(job.reason, {d: round(v, 2) for d, v in job.ms.items()}, round(gain, 3), job.seconds,
                     time.monotonic() - self.started)
         self.moves.append(move)
+        self.relieved = job.off if job.slower else None
         raise Rebalance(job.out, move)
 
 
@@ -197,6 +229,8 @@ class Replan:
     rel: dict[str, float]
     ms: dict[str, float]
     out: Path
+    off: str  # the device found off the plan
+    slower: bool  # than the plan (else faster)
     t0: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
     error: str | None = None
