@@ -129,9 +129,10 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
           f"ratios {mid / fast:.3f} and {slow / fast:.3f}")
     assert fast > mid > slow
     assert all(d.gflops_prefill > d.gflops and d.memory_gbps > 0 for d in profile.devices)
-    # a 0.25 CPU quota measures 0.25-0.34 of the free phone (0.337 once, on a loaded host: CFS lets a
-    # short probe run a little over its share); a quota that acts as a budget would measure near 1
-    assert 0.2 <= slow / fast <= 0.37
+    # a 0.25 CPU quota measures 0.25-0.34 of the free phone on most days, but up to 0.48 on some (idle
+    # host, the same code: CFS lets a quota'd phone run over its share at times); a quota that acts as a
+    # budget measures near 1. What this asserts: a slower CPU, at least twice as slow.
+    assert 0.2 <= slow / fast <= 0.55
     for d, spec in zip(profile.devices, SPECS):  # each phone's memory cgroup: its limit less what is in use
         print(f"{d.name}: {d.memory_mb} MB of its {spec.memory_mb} MB limit")
         assert spec.memory_mb - 150 < d.memory_mb <= spec.memory_mb
@@ -169,8 +170,9 @@ def test_slow_phone_runs_decode_steps_proportionally_slower(lab, measured, tmp_p
     ms = {s["device"]: s["ms_per_decode_step_median"] for s in json.loads((tmp_path / "r.json").read_text())["summary"]["stages"]}
     print(f"ms per decode step of 16 layers: 1.0 phone {ms['phone1']:.2f}, 0.25 phone {ms['phone3']:.2f}; "
           f"speed ratio {ms['phone1'] / ms['phone3']:.3f}")
-    # 0.308 was seen with a second test suite loading the 1.0 phone's core (the quota'd phone does not notice)
-    assert 0.2 <= ms["phone1"] / ms["phone3"] <= 0.33
+    # 0.27 on most days; 0.38-0.40 on some (idle host, the same code), and 0.308 with a second test suite
+    # loading the 1.0 phone's core: at least twice as slow, never a budget that short steps stay under
+    assert 0.2 <= ms["phone1"] / ms["phone3"] <= 0.5
 
 
 # --- llc deploy / run / stop ----------------------------------------------------------------------
@@ -233,15 +235,16 @@ def test_interrupted_push_is_resumed(lab, build):
     head, mid, tail = stages(build)
     build_id = schema.read(build, schema.PLAN).build_id
     dirs = {p.name: Path(p.data_dir) / "llc" / build_id for p in lab.phones}
-    data = dirs[head] / "segment.onnx.data"
+    weights = min((build / "devices" / head).glob("w-*.bin")).name
+    data = dirs[head] / weights
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # as if the push was interrupted
     (dirs[mid] / "manifest.json").unlink()
     try:
         proc = llc("deploy", build, "--adb-port", ADB_PORT)
         assert proc.returncode == 0, proc.stderr
         pushed = {n: list(d["pushed_files"]) for n, d in record(build)["devices"].items()}
-        assert pushed == {head: ["segment.onnx.data"], mid: ["manifest.json"], tail: []}
-        assert record(build)["pushed_bytes"] == (build / "devices" / head / "segment.onnx.data").stat().st_size + \
+        assert pushed == {head: [weights], mid: ["manifest.json"], tail: []}
+        assert record(build)["pushed_bytes"] == (build / "devices" / head / weights).stat().st_size + \
             (build / "devices" / mid / "manifest.json").stat().st_size
     finally:
         assert llc("stop", build).returncode == 0
@@ -294,8 +297,9 @@ def test_a_phone_whose_launcher_is_killed_is_planned_around(lab, build, monkeypa
 @pytest.mark.lab
 def test_a_phone_throttled_mid_run_is_balanced_away_with_the_same_tokens(lab, measured, tmp_path, monkeypatch):
     """Mid-generation, the fastest phone's CPU quota drops to a quarter core (`llc lab cpu`), as a phone
-    that heats up: the balancer moves layers off it, the phones restart over adb with the new plan,
-    and every request ends with the unsplit model's greedy tokens."""
+    that heats up: the balancer moves layers off it, the phones restart over adb with the new plan
+    (no weights pushed: the moved layers were there as spares), and every request ends with the
+    unsplit model's greedy tokens."""
     from llc.runtime.balance import Balancer
     from llc.runtime.device.sampling import SamplingParams
     from llc.runtime.run import generate
@@ -326,6 +330,9 @@ def test_a_phone_throttled_mid_run_is_balanced_away_with_the_same_tokens(lab, me
     blocks = {s.device: s.blocks[1] - s.blocks[0] for s in schema.read(out.build, schema.PLAN).stages}
     before = {s.device: s.blocks[1] - s.blocks[0] for s in schema.read(build, schema.PLAN).stages}
     assert blocks.get(victim, -1) < before[victim]
+    moved = record(out.build)["devices"]  # the re-plan's deploy: its layers were on the phones as spares
+    assert not [f for d in moved.values() for f in d["pushed_files"] if f.startswith("w-")], moved
+    assert any(d["linked_files"] for d in moved.values())
     reference = Reference(small_llama())
     eos = set(schema.open_build(build).manifest(stages(build)[-1]).eos_token_ids)
     for prompt, r in zip(prompts, out.results):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -172,6 +173,51 @@ def test_same_inputs_give_byte_identical_bundles(tmp_path):
     assert files_a == files_b and len(files_a) > 10
     for f in files_a:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def phones_profile(path, memory_mb: int) -> Path:
+    """Two phones (the adb target: bundles get spares), 10.0.0.11 and .12."""
+    path.write_text(yaml.safe_dump({
+        "devices": [{"name": f"phone{i}", "target": "adb", "serial": f"10.0.0.1{i}:5555", "address": f"10.0.0.1{i}",
+                     "memory_mb": memory_mb, "gflops": 8.0, "threads": 1} for i in (1, 2)],
+        "network": {"bandwidth_mbps": 100, "latency_ms": 1},
+        "workload": {"prompt_tokens": 16, "max_context": 128, "stages": 2}}))
+    return path
+
+
+def weight_files(build, device: str, spare: bool = False) -> dict[str, bytes]:
+    folder = build / "devices" / device / ("spare" if spare else "")
+    return {f.name: f.read_bytes() for f in folder.glob("w-*.bin")}
+
+
+def test_a_re_plan_finds_its_weights_among_the_last_plans_files_and_spares(tmp_path):
+    """Weights files are named by content and written whole per group, so moving layer 1 from phone1 to
+    phone2 needs no new file on either phone: phone2 carried layer 1 as a spare. Without memory slack,
+    a bundle carries no spares."""
+    model = tiny_llama("legacy")
+    profile = phones_profile(tmp_path / "phones.yaml", 2000)
+    builds = {}
+    for name, cut in (("a", "layer 1"), ("b", "layer 0")):
+        split = tmp_path / f"{name}.yaml"
+        split.write_text(yaml.safe_dump({"stages": [{"device": "phone1", "blocks": ["embed", cut]},
+                                                    {"device": "phone2", "blocks": [f"layer {int(cut[-1]) + 1}",
+                                                                                    "head"]}]}))
+        builds[name] = tmp_path / name
+        compile_model(model, load_profile(profile), builds[name], quiet=True, split=str(split))
+    assert max(d.max_abs_diff for d in verify_build(builds["b"])) <= 1e-5
+    for device in ("phone1", "phone2"):
+        before = weight_files(builds["a"], device) | weight_files(builds["a"], device, spare=True)
+        after = weight_files(builds["b"], device)
+        assert after and set(after) <= set(before), device
+        assert all(after[f] == before[f] for f in after)
+    assert set(weight_files(builds["b"], "phone2")) - set(weight_files(builds["a"], "phone2"))  # layer 1 moved
+    assert not set(weight_files(builds["a"], "phone1")) & set(weight_files(builds["a"], "phone1", spare=True))
+
+    # memory for the stages of plan a and 30 KB more (after the 1.2 safety factor): no layer fits beside
+    need = max(s.memory_bytes for s in schema.read(builds["a"], schema.PLAN).stages)
+    tight = phones_profile(tmp_path / "tight.yaml", (need + 30_000) * 1.2 / (1 << 20))
+    compile_model(model, load_profile(tight), tmp_path / "tight", quiet=True, split=str(tmp_path / "a.yaml"))
+    assert not any((tmp_path / "tight" / "devices").glob("*/spare"))
 
 
 def test_keys_are_per_build_and_per_device(tmp_path):

@@ -193,6 +193,7 @@ class DeviceDeploy:
     pid: int | None = None
     pushed_files: tuple[str, ...] = ()
     pushed_bytes: int = 0
+    linked_files: tuple[str, ...] = ()  # weights another build on the phone held: linked, not pushed
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,15 @@
 A segment keeps the original tensor names: its inputs are graph inputs or
 tensors made by earlier stages, its outputs are the graph outputs it makes plus
 what later stages read. Weights are streamed from the source (external data
-file or in-memory bytes) straight into the segment's own data file, tensor by
+file or in-memory bytes) straight into the segment's own data files, tensor by
 tensor, so the model is never held twice in memory.
+
+The data files are named by their content, ``w-<sha256 prefix>.bin``, one per
+group of weights that the same blocks read (a layer's, the embedding's; a tied
+embedding read by the first and the last block is a group of its own). A group
+is written whole, whatever the plan, so two plans of one model share their
+files byte for byte: a phone that already holds a layer's file, from an earlier
+build or as a spare, needs nothing pushed when a re-plan moves that layer to it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import onnx
 from onnx import TensorProto, helper
@@ -81,34 +88,69 @@ def _value_info(name: str, info: TensorInfo | None, fallback: TensorInfo | None)
 
 def write_segment(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeProto], io: SegmentIO,
                   tensors: dict[str, TensorInfo], fallback: dict[str, TensorInfo],
-                  target: Path, name: str, progress: Callable[[int], None] | None = None) -> dict[str, str]:
-    """Write ``target`` (+ ``target.data`` if it has large weights); return {file: sha256}.
+                  target: Path, name: str, group_of: Callable[[str], Hashable],
+                  progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Write ``target`` and the data files of its weights beside it; return {file: sha256}.
 
-    ``progress`` is told the bytes of each chunk of weights written.
+    ``group_of`` names each weight's group: the weights of one group share a
+    file. ``progress`` is told the bytes of each chunk of weights written.
     """
-    inits = _initializers(model, nodes)
     graph = helper.make_graph(
         nodes=nodes,
         name=name,
         inputs=[_value_info(t, tensors.get(t), fallback.get(t)) for t in io.inputs],
         outputs=[_value_info(t, tensors.get(t), fallback.get(t)) for t in io.outputs],
     )
-    data_name = target.name + ".data"
-    data_path = target.with_name(data_name)
-    with open(data_path, "wb") as f, contextlib.ExitStack() as files:
-        out, sources = HashingWriter(f), Sources(files)
-        for t in inits:
-            graph.initializer.append(append_tensor(t, data_dir, sources, out, data_name, progress))
+    files, refs = write_weights(model, data_dir, weight_groups(model, nodes, group_of), target.parent, progress)
+    graph.initializer.extend(refs[t.name] for t in _initializers(model, nodes))
     seg = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="llc")
     seg.ir_version = model.ir_version
     seg.functions.extend(model.functions)
     target.write_bytes(seg.SerializeToString(deterministic=True))
-    files = {target.name: sha256_file(target)}
-    if out.offset:
-        files[data_name] = out.sha256.hexdigest()
-    else:
-        data_path.unlink()
-    return files
+    return {target.name: sha256_file(target), **files}
+
+
+def weight_groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                  group_of: Callable[[str], Hashable]) -> list[list[TensorProto]]:
+    """The groups of weights a segment of ``nodes`` needs, each whole (with weights only others read),
+    in the model's order."""
+    wanted = {group_of(t.name) for t in _initializers(model, nodes)}
+    groups: dict[Hashable, list[TensorProto]] = {}
+    for t in model.graph.initializer:
+        key = group_of(t.name)
+        if key in wanted:
+            groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def write_weights(model: onnx.ModelProto, data_dir: Path, groups: list[list[TensorProto]], folder: Path,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, str], dict[str, TensorProto]]:
+    """Each group's large tensors into ``folder/w-<sha256 prefix>.bin``; small ones stay in the proto.
+
+    Returns ({file: sha256}, {tensor: its proto pointing into its file}).
+    """
+    files: dict[str, str] = {}
+    refs: dict[str, TensorProto] = {}
+    with contextlib.ExitStack() as stack:
+        sources = Sources(stack)
+        for members in groups:
+            tmp = folder / ".w.tmp"
+            with open(tmp, "wb") as f:
+                out = HashingWriter(f)
+                mine = [append_tensor(t, data_dir, sources, out, tmp.name, progress) for t in members]
+            if not out.offset:
+                tmp.unlink()
+            else:
+                sha = out.sha256.hexdigest()
+                data_name = f"w-{sha[:32]}.bin"
+                tmp.rename(folder / data_name)
+                files[data_name] = sha
+                for ref in mine:
+                    for entry in ref.external_data:
+                        if entry.key == "location":
+                            entry.value = data_name
+            refs.update((ref.name, ref) for ref in mine)
+    return files, refs
 
 
 class Sources:
@@ -140,9 +182,9 @@ def _initializers(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[T
     return [t for t in model.graph.initializer if t.name in used]
 
 
-def segment_weight_bytes(model: onnx.ModelProto, data_dir: Path, nodes: list[onnx.NodeProto]) -> int:
-    """Bytes of the weights a segment of ``nodes`` carries in its data file (what emit writes for it)."""
-    sizes = (tensor_size(t, data_dir) or 0 for t in _initializers(model, nodes))
+def group_bytes(data_dir: Path, groups: list[list[TensorProto]]) -> int:
+    """Bytes of the weights these groups put in data files (what emit writes for them)."""
+    sizes = (tensor_size(t, data_dir) or 0 for members in groups for t in members)
     return sum(n for n in sizes if n >= INLINE_LIMIT)
 
 

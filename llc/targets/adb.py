@@ -9,7 +9,11 @@ an explicit server (`--adb-port`) is given.
 Per device, the bundle (build/devices/<name>/*) goes to
 /data/local/tmp/llc/<build-id>/. Only files whose sha256 on the phone differs
 from the build are pushed, so deploying again pushes nothing and a push cut
-short is completed by the next deploy (at file granularity). The launcher runs
+short is completed by the next deploy (at file granularity). Weights are files
+named by their content (w-<hash>.bin, llc.compiler.segment): one that another
+build on the phone already holds, in its folder or among its spares, is linked
+from there, not pushed, so a re-plan that moves layers between phones which
+hold them (llc.runtime.balance, failover) pushes no weights. The launcher runs
 detached (`nohup sh run.sh`) with launcher.pid and launcher.log in that folder,
 so it outlives `llc deploy`; a later `llc run` attaches to it and `llc stop`
 kills it by its pid file. Phones have no pid namespace to hide in and
@@ -198,6 +202,7 @@ class Pushed:
 
     files: list[str] = field(default_factory=list)
     bytes: int = 0
+    linked: list[str] = field(default_factory=list)  # found on the phone in another build's folder
 
 
 def remote_hashes(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> dict[str, str]:
@@ -227,10 +232,16 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
     have = remote_hashes(adb, phone, remote_dir, sorted(want))
     todo = [n for n in sorted(want) if have.get(n) != want[n]]
     pushed = Pushed()
-    progress = Progress(f"{phone.name}: pushed", sum(local[n].stat().st_size for n in todo), say=say)
     if todo:
         dirs = sorted({remote_dir} | {f"{remote_dir}/{Path(n).parent.as_posix()}" for n in todo if "/" in n})
         adb.shell(phone.serial, "mkdir -p " + " ".join(shlex.quote(d) for d in dirs), device=phone.name)
+    named = [n for n in todo if Path(n).name.startswith("w-")]
+    if named:  # content-named weights another build on the phone holds: a link, not a push
+        link_from_other_builds(adb, phone, remote_dir, named)
+        have.update(remote_hashes(adb, phone, remote_dir, named))
+        pushed.linked = [n for n in named if have.get(n) == want[n]]
+        todo = [n for n in todo if have.get(n) != want[n]]
+    progress = Progress(f"{phone.name}: pushed", sum(local[n].stat().st_size for n in todo), say=say)
     for name in todo:
         size = local[name].stat().st_size
         proc = adb.run(["push", str(local[name]), f"{remote_dir}/{name}"], serial=phone.serial, device=phone.name,
@@ -250,6 +261,20 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
         if bad:
             raise TargetError(phone.name, f"checksum mismatch on the device after push: {', '.join(bad)}")
     return pushed
+
+
+def link_from_other_builds(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> None:
+    """Hard-link (or copy) each of ``names`` into remote_dir from any llc folder on the phone that has a
+    file of that content name; the caller checks the hashes, as after a push."""
+    files = " ".join(shlex.quote(n) for n in names)
+    script = (f"cd {shlex.quote(remote_dir)} || exit 0\n"
+              f"for f in {files}; do b=${{f##*/}}\n"
+              f"  for src in {REMOTE_ROOT}/*/\"$b\" {REMOTE_ROOT}/*/spare/\"$b\"; do\n"
+              "    [ -f \"$src\" ] && ! [ \"$src\" -ef \"$f\" ] || continue\n"
+              "    ln -f \"$src\" \"$f\" 2>/dev/null || cp \"$src\" \"$f\"; break\n"
+              "  done\n"
+              "done; echo llc-done")
+    adb.shell(phone.serial, script, device=phone.name, timeout=300)
 
 
 @dataclass
@@ -331,12 +356,12 @@ class AdbTarget:
         # the others as they were (an older build keeps running).
         pushed: dict[str, Pushed] = self._each(self._prepare)
         try:
-            pids = self._each(lambda p: self._start(p, restart=bool(pushed[p.name].files)))
+            pids = self._each(lambda p: self._start(p, restart=bool(pushed[p.name].files or pushed[p.name].linked)))
         except BaseException:
             self.stop_all()
             raise
-        results = {n: DeviceDeploy(p.serial, self.remote_dir, pids[n], tuple(pushed[n].files), pushed[n].bytes)
-                   for n, p in self.phones.items()}
+        results = {n: DeviceDeploy(p.serial, self.remote_dir, pids[n], tuple(pushed[n].files), pushed[n].bytes,
+                                   tuple(pushed[n].linked)) for n, p in self.phones.items()}
         self._write_record(results)
         try:
             wait_ready(self.build_dir, list(self.phones), self.ready_timeout, health=self.health)

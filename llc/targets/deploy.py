@@ -52,6 +52,8 @@ def deploy(build: Path, adb_port: int | None, timeout: float) -> None:
     total = sum(r.pushed_bytes for r in results.values())
     for name, r in results.items():
         what = f"pushed {len(r.pushed_files)} file(s), {r.pushed_bytes} bytes" if r.pushed_files else "up to date"
+        if r.linked_files:
+            what += f" ({len(r.linked_files)} weight file(s) linked from another build on the phone)"
         click.echo(f"  {name} ({r.serial}): {what}; launcher pid {r.pid} in {r.dir}")
     click.echo(f"deployed build {target.build_id} to {len(results)} device(s) in {time.monotonic() - t0:.1f} s: "
                f"{total} bytes pushed; `llc run {build}` attaches, `llc stop {build}` stops")

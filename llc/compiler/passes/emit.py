@@ -3,9 +3,12 @@
 before: segments, a layout, a plan and a comm map
 after:  ``build/``: plan.json, coordinator.json, report.html, tokenizer.json,
         generation.json and the chat template (from beside the model, when there), and per
-        device ``devices/<name>/``: segment.onnx (+ .data), manifest.json,
-        run.sh and the device runtime ``llc_runtime/`` (llc.runtime.device,
-        copied verbatim).
+        device ``devices/<name>/``: segment.onnx and its weights (w-<hash>.bin),
+        manifest.json, run.sh, the device runtime ``llc_runtime/``
+        (llc.runtime.device, copied verbatim), and on phones ``spare/``: the
+        weights of the neighbouring blocks, within the device's memory slack, so
+        that a re-plan which moves them here (llc.runtime.balance, failover)
+        pushes nothing.
 
 Deterministic: the same model, profile and options give byte-identical files.
 Everything is written to a temporary sibling folder and renamed into place only
@@ -19,6 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -30,8 +34,8 @@ from llc.compiler.costmodel import Split, batched_tokens_per_s, build_tables
 from llc.compiler.passes.comm_map import link_bytes
 from llc.compiler.passes.layout import build_inputs
 from llc.compiler.report import render_report
-from llc.compiler.segment import segment_weight_bytes, sha256_file, write_segment
-from llc.compiler.state import CompileState, TensorInfo, tensor_nbytes
+from llc.compiler.segment import group_bytes, sha256_file, weight_groups, write_segment, write_weights
+from llc.compiler.state import Block, CompileState, TensorInfo, tensor_nbytes
 from llc.progress import Progress
 from llc.runtime import chat
 from llc.runtime import device as device_package
@@ -96,15 +100,21 @@ class Emit:
         if max_batch == 1 and min(state.workload.max_batch or 2, state.workload.requests_in_flight) > 1:
             state.notes.append("decode steps run one request at a time: the model has no position_ids input, "
                                "or mixes GroupQueryAttention with other caches, or a fixed batch size")
-        written = Progress("emit: weights written", sum(
-            segment_weight_bytes(state.model, state.data_dir, [g.node[i] for i in seg.nodes])
-            for seg in state.segments), say=self.progress)
-        for s, seg in zip(plan.stages, state.segments):
+        group_of = weight_group_of(state.blocks)
+        groups = [weight_groups(state.model, [g.node[i] for i in seg.nodes], group_of) for seg in state.segments]
+        spares = [spare_groups(state, s, mine, group_of) for s, mine in zip(plan.stages, groups)]
+        written = Progress("emit: weights written", sum(group_bytes(state.data_dir, x) for x in groups + spares),
+                           say=self.progress)
+        for s, seg, extra in zip(plan.stages, state.segments, spares):
             folder = root / "devices" / s.device
             (folder / device_package.PACKAGE).mkdir(parents=True)
             files = write_segment(state.model, state.data_dir, [g.node[i] for i in seg.nodes], seg,
                                   state.tensors, state.shapes["decode"], folder / "segment.onnx",
-                                  name=f"{g.name or 'model'}_stage{s.index}", progress=written.add)
+                                  name=f"{g.name or 'model'}_stage{s.index}", group_of=group_of,
+                                  progress=written.add)
+            if extra:
+                (folder / "spare").mkdir()
+                write_weights(state.model, state.data_dir, extra, folder / "spare", written.add)
             (folder / "run.sh").write_text(run_sh)
             (folder / "run.sh").chmod(0o755)
             for src in runtime_files():
@@ -171,6 +181,46 @@ class Emit:
         if template is not None:  # llc serve and llc run --chat lay conversations out with it
             (root / chat.FILE).write_text(template)
         (root / "report.html").write_text(render_report(doc, templates_env()))
+
+
+def weight_group_of(blocks: list[Block]):
+    """A weight's group: the blocks that read it (one no block reads is a group of its own).
+
+    Plans of one model share their blocks, so a group, and its file, is the
+    same in every plan (llc.compiler.segment).
+    """
+    readers: dict[str, list[int]] = {}
+    for b in blocks:
+        for t in b.weights:
+            readers.setdefault(t, []).append(b.index)
+    return lambda name: tuple(readers[name]) if name in readers else name
+
+
+def spare_groups(state: CompileState, stage, mine: list, group_of) -> list:
+    """The weight groups of the blocks next to a phone's stage, nearest first, within its memory slack.
+
+    A re-plan moves the blocks at a stage's edges, so those are the ones kept
+    at hand; they wait on the phone's storage, and only a move that brings
+    them in loads them (within the memory the new plan checks). Local devices
+    share one disk with the build: they need no spares.
+    """
+    if state.profile.device(stage.device).target == "local":
+        return []
+    budget = stage.memory_limit_bytes / state.workload.memory_safety - stage.memory_bytes  # as the plan counts
+    have = {group_of(t.name) for members in mine for t in members}
+    out = []
+    below, above = range(stage.first_block - 1, -1, -1), range(stage.last_block + 1, len(state.blocks))
+    for b in (x for pair in zip_longest(below, above) for x in pair if x is not None):
+        wanted = {group_of(t) for t in state.blocks[b].weights} - have
+        groups = [[t for t in state.model.graph.initializer if group_of(t.name) == key] for key in sorted(
+            wanted, key=str)]
+        size = group_bytes(state.data_dir, groups)
+        if size > budget:
+            break
+        budget -= size
+        have |= wanted
+        out += groups
+    return out
 
 
 def vocab_size(state: CompileState) -> int | None:
