@@ -95,7 +95,8 @@ def once(build: Path, prompts: list[list[int]], tokens: int, slow_down: Callable
     settled = after[gap:]
     return {"balance": balance, "tok_s_after_slowdown": len(after) / (after[-1] - t_slow[0]),
             "tok_s_settled": (len(settled) - 1) / (settled[-1] - settled[0]),
-            "moves": [m.line() for m in out.moves], "tokens": [r.tokens for r in out.results]}
+            "moves": [m.line() for m in out.moves], "lost_s": [round(m.lost_s or 0, 2) for m in out.moves],
+            "tokens": [r.tokens for r in out.results]}
 
 
 def local_setup(args, tmp: Path) -> tuple[Path, Callable[[], Callable[[], None]]]:

@@ -207,6 +207,8 @@ class Pushed:
 
 def remote_hashes(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> dict[str, str]:
     """name -> sha256 of the files that exist in remote_dir, computed on the phone."""
+    if not names:
+        return {}
     files = " ".join(shlex.quote(n) for n in names)
     script = (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0\n"
               "if command -v sha256sum >/dev/null 2>&1; then S=sha256sum; else S='toybox sha256sum'; fi\n"
@@ -226,11 +228,18 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
          say: Callable[[str], None] | None = None) -> Pushed:
     """Make remote_dir hold exactly these files' bytes: push the ones whose sha256 differs, verify.
 
-    ``say`` hears the MB pushed of the MB to push, file by file (a segment's weights are one file).
+    Hashing on a phone is slow (a throttled one took 12 s for 650 MB), so only
+    what a build loads is hashed. Spares (spare/) and weights linked from
+    another build are content-named files that were hashed when pushed:
+    their size is checked, and the launcher hashes whatever it loads.
+    ``say`` hears the MB pushed of the MB to push, file by file.
     """
     want = {name: sha256_file(path) for name, path in local.items()}
-    have = remote_hashes(adb, phone, remote_dir, sorted(want))
-    todo = [n for n in sorted(want) if have.get(n) != want[n]]
+    size = {name: path.stat().st_size for name, path in local.items()}
+    spares = [n for n in sorted(want) if n.startswith("spare/")]
+    have = remote_hashes(adb, phone, remote_dir, [n for n in sorted(want) if n not in spares])
+    sizes = remote_sizes(adb, phone, remote_dir, spares)
+    todo = [n for n in sorted(want) if (sizes.get(n) != size[n] if n in spares else have.get(n) != want[n])]
     pushed = Pushed()
     if todo:
         dirs = sorted({remote_dir} | {f"{remote_dir}/{Path(n).parent.as_posix()}" for n in todo if "/" in n})
@@ -238,34 +247,49 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
     named = [n for n in todo if Path(n).name.startswith("w-")]
     if named:  # content-named weights another build on the phone holds: a link, not a push
         link_from_other_builds(adb, phone, remote_dir, named)
-        have.update(remote_hashes(adb, phone, remote_dir, named))
-        pushed.linked = [n for n in named if have.get(n) == want[n]]
-        todo = [n for n in todo if have.get(n) != want[n]]
-    progress = Progress(f"{phone.name}: pushed", sum(local[n].stat().st_size for n in todo), say=say)
+        sizes = remote_sizes(adb, phone, remote_dir, named)
+        pushed.linked = [n for n in named if sizes.get(n) == size[n]]
+        todo = [n for n in todo if n not in pushed.linked]
+    progress = Progress(f"{phone.name}: pushed", sum(size[n] for n in todo), say=say)
     for name in todo:
-        size = local[name].stat().st_size
         proc = adb.run(["push", str(local[name]), f"{remote_dir}/{name}"], serial=phone.serial, device=phone.name,
-                       timeout=60 + size / PUSH_MIN_BYTES_PER_S)
+                       timeout=60 + size[name] / PUSH_MIN_BYTES_PER_S)
         if proc.returncode != 0:
             text = proc.stderr + proc.stdout
             if "No space left" in text or "ENOSPC" in text:
-                raise TargetError(phone.name, f"no space left on the device for {name} ({size / 1e6:.1f} MB) in "
-                                              f"{remote_dir}: free some storage (old builds: `llc stop --purge`)")
+                raise TargetError(phone.name, f"no space left on the device for {name} ({size[name] / 1e6:.1f} MB) "
+                                              f"in {remote_dir}: free some storage (old builds: `llc stop --purge`)")
             raise TargetError(phone.name, f"adb push {name} to {phone.serial} failed: {_last(text)}")
         pushed.files.append(name)
-        pushed.bytes += size
-        progress.add(size)
+        pushed.bytes += size[name]
+        progress.add(size[name])
     if todo:
-        have = remote_hashes(adb, phone, remote_dir, sorted(want))
-        bad = [n for n in sorted(want) if have.get(n) != want[n]]
+        have = remote_hashes(adb, phone, remote_dir, todo)
+        bad = [n for n in todo if have.get(n) != want[n]]
         if bad:
             raise TargetError(phone.name, f"checksum mismatch on the device after push: {', '.join(bad)}")
     return pushed
 
 
+def remote_sizes(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> dict[str, int]:
+    """name -> size in bytes of the files that exist in remote_dir."""
+    if not names:
+        return {}
+    files = " ".join(shlex.quote(n) for n in names)
+    script = (f"cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0\n"
+              f"for f in {files}; do [ -f \"$f\" ] && echo \"$(wc -c < \"$f\") $f\"; done; echo llc-done")
+    out = adb.shell(phone.serial, script, device=phone.name)
+    sizes = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            sizes[parts[1]] = int(parts[0])
+    return sizes
+
+
 def link_from_other_builds(adb: Adb, phone: Phone, remote_dir: str, names: list[str]) -> None:
     """Hard-link (or copy) each of ``names`` into remote_dir from any llc folder on the phone that has a
-    file of that content name; the caller checks the hashes, as after a push."""
+    file of that content name; the caller checks the sizes (the launcher hashes what it loads)."""
     files = " ".join(shlex.quote(n) for n in names)
     script = (f"cd {shlex.quote(remote_dir)} || exit 0\n"
               f"for f in {files}; do b=${{f##*/}}\n"
