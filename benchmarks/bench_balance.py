@@ -53,7 +53,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 
 
 log = logger("balance")
-WORKLOAD = {"prompt_tokens": 32, "max_context": 512, "requests_in_flight": 4, "objective": "throughput"}
+WORKLOAD = {"prompt_tokens": 32, "max_context": 1024, "requests_in_flight": 4, "objective": "throughput"}
 LAB_ADB_PORT = 5167
 
 

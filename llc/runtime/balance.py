@@ -7,9 +7,9 @@ its event list: compute ms and decode steps so far). Over the last window of at
 least ``window_steps`` decode steps, each stage's measured ms per step is divided
 by the plan's prediction for it; the slowest stage, if its ratio is ``threshold``
 times the median of the other stages', or any stage at a ``threshold``-th of
-it, in two windows running, is slower (faster) than the plan thinks *relative
-to the others*: a phone that throttles, or one that has cooled down again. A
-cost model that is off for every stage alike moves nothing.
+the median of all, in two windows running, is slower (faster) than the plan
+thinks *relative to the others*: a phone that throttles, or one that has
+cooled down again. A cost model that is off for every stage alike moves nothing.
 Then:
 
 1. the profile is scaled by what was measured: a device k times slower than
@@ -25,10 +25,11 @@ Then:
 
 Hysteresis: a move waits ``min_interval_s`` after the start of the run or the
 last move (or the last plan that would not have gained enough), so a blip does
-not move anything; and layers go back onto the device the last move relieved
-only for ``reversal_gain``, so two moves do not chase each other. Every move is logged
-with its reason and the gain the plan expects; the re-planned builds live in
-``BUILD/balance/<n>/``.
+not move anything; and a move that hinges on the device the last move
+relieved (layers back onto it, or more off it) needs ``reversal_gain``, so two
+moves do not chase each other. Every move is
+logged with its reason and the gain the plan expects; the re-planned builds
+live in ``BUILD/balance/<n>/``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Balancer:
     moves: list[Move] = field(default_factory=list)
     threshold: float = 1.5
     min_gain: float = 1.2
-    reversal_gain: float = 2.0  # to give layers back to the device the last move took them from
+    reversal_gain: float = 2.0  # for a move that hinges on the device the last move relieved
     min_interval_s: float = 10.0
     window_steps: int = 16
     say: Callable[[str], None] | None = None
@@ -200,13 +201,15 @@ class Balancer:
             plan = schema.read(job.out, schema.PLAN)
             new = self.cost(s.compute_ms_decode for s in plan.stages)
             gain = current / new if new > 0 else 1.0
-            # Layers go back onto the device the last move relieved only for a clearly better plan: it was
-            # found slow on a big stage, and the small one it keeps runs short steps, which fixed and
-            # bursty costs dominate (a throttled CPU runs a short burst at full speed), so it looks
-            # faster than it is. Without this, two moves chase each other.
-            back = self.relieved if self.relieved != job.off else None
-            if back is not None and blocks_of(plan, back) > blocks_of(schema.read(self.build, schema.PLAN), back):
-                need, why = self.reversal_gain, f" back onto {back}, which the last move relieved,"
+            # A move that hinges on the device the last move relieved needs a clearly better plan: it was
+            # found slow on a big stage, and the small one it keeps runs short steps, which fixed costs
+            # (the plan predicts none) and bursts (a throttled CPU runs a short one at full speed)
+            # dominate, so it looks slower or faster than it is. Without this, layers went back onto
+            # it on the lab, or all came off it.
+            r = self.relieved
+            if r is not None and (job.off == r or blocks_of(plan, r) > blocks_of(schema.read(self.build,
+                                                                                               schema.PLAN), r)):
+                need, why = self.reversal_gain, f" for {r}, which the last move relieved,"
         if gain < need:
             if self.say:
                 how = f"the re-plan failed ({job.error})" if job.error else \
