@@ -18,7 +18,7 @@ The same run is made with the balancer and with ``--no-balance``, in alternating
 order; tokens/s counts the tokens made after the slow-down over the time they
 took (the restart a move costs included), and "once settled" the pace after
 that restart (without a move: over the second half).
-Writes JSON and a markdown table beside it.
+Writes JSON, a markdown table and a bar chart (.md, .svg) beside it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from llc.runtime.device.sampling import SamplingParams
 from llc.runtime.run import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import logger, markdown, write  # noqa: E402
+from report import grouped_bars, logger, markdown, write  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three laws of robotics are"]
@@ -202,7 +202,11 @@ def main() -> None:
                       "settled_with": settled_b, "settled_without": settled, "same_tokens": same,
                       "moves": runs[True][0]["moves"],
                       "runs": {str(k): [{x: y for x, y in r.items() if x != "tokens"} for r in v]
-                               for k, v in runs.items()}}, table)
+                               for k, v in runs.items()}}, table,
+          grouped_bars(f"tok/s, {where}, the last device {args.slow:g}x slower from the first token",
+                       ["after the slow-down (restart included)", "once settled"],
+                       [("balancer on", "#4e79a7", [with_b, settled_b]),
+                        ("--no-balance", "#bab0ac", [without, settled])]))
 
 
 if __name__ == "__main__":
