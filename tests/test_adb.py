@@ -307,8 +307,9 @@ def test_a_phone_throttled_mid_run_is_balanced_away_with_the_same_tokens(lab, me
 
     monkeypatch.setenv("ADB_SERVER_SOCKET", f"tcp:localhost:{ADB_PORT}")
     build = tmp_path / "build"
+    # one request per step: the run outlasts the windows, the re-plan and the restart on a loaded host too
     proc = llc("compile", small_llama(), "--devices", measured, "--stages", 3, "--requests", 4, "--objective",
-               "throughput", "--max-context", 256, "-o", build, "-q")
+               "throughput", "--max-context", 256, "--max-batch", 1, "-o", build, "-q")
     assert proc.returncode == 0, proc.stderr
     write_tokenizer(build / "tokenizer.json", 256)
     victim = max(schema.read(build, schema.PLAN).stages, key=lambda s: s.blocks[1] - s.blocks[0]).device

@@ -151,3 +151,17 @@ def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tm
     ref = Reference(model)
     for prompt, r in zip(PROMPTS, out.results):
         assert r.tokens == ref.greedy(prompt, 400), prompt
+
+
+def test_the_timeline_shows_each_stage_against_the_plan_and_the_moves():
+    from llc.runtime.timeline import render_pace, render_timeline
+
+    planned = {"dev0": 2.0, "dev1": 2.0}
+    windows = [{"at_s": 2.0, "ms_per_step": {"dev0": 2.0, "dev1": 8.0}, "predicted_ms_per_step": planned},
+               {"at_s": 4.0, "ms_per_step": {"dev0": 2.2, "dev1": 2.1}, "predicted_ms_per_step": planned}]
+    pace = render_pace(windows, [{"at_s": 3.0, "reason": "dev1 ran 4.0x slower than the plan assumed"}])
+    assert pace.count("<polyline") == 2 and "dev1 at 2.0 s: 4.00x the plan" in pace
+    assert "<title>dev1 ran 4.0x slower than the plan assumed</title>" in pace
+    assert render_pace([], []) == ""
+    page = render_timeline({"dev0": [{"rid": "a", "step": 1, "start": 0.0, "end": 0.1}]}, ["dev0"], pace=pace)
+    assert page.index("llc pipeline timeline") < page.index("the balancer's view")

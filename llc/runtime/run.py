@@ -201,14 +201,14 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
     if balancer is not None:  # each stage's pace against the plan, every couple of seconds
         summary["windows"] = balancer.windows
     if timeline_path:
-        from llc.runtime.timeline import render_timeline
+        from llc.runtime.timeline import render_pace, render_timeline
 
         events = {st.device: [{"rid": e[0], "step": e[1], "start": e[2], "end": e[3], "slot": e[4],
                                "rows": e[5]} for e in st.events if e[2] >= started]  # this run only
                   for st in stage_stats}
         timeline_path.write_text(render_timeline(
-            events, [st.device for st in stage_stats],
-            f"{len(results)} request(s), concurrency {concurrency}"))
+            events, [st.device for st in stage_stats], f"{len(results)} request(s), concurrency {concurrency}",
+            render_pace(balancer.windows if balancer else [], summary["moves"])))
         click.echo(f"timeline: {timeline_path}", err=True)
     _print_summary(summary)
     if json_path:
