@@ -57,6 +57,9 @@ LAB_LOCK = Path("/tmp/llc-lab-tests.lock")
 MACHINE_LOCK = Path("/tmp/llc-tests-machine.lock")
 
 
+_held: list = []  # this process's (lock file, mode) while it holds the machine lock
+
+
 @contextlib.contextmanager
 def machine_lock(exclusive: bool):
     """Shared by every test; exclusive for a measurement that compares speeds.
@@ -66,14 +69,29 @@ def machine_lock(exclusive: bool):
     until no other test runs, and none starts while it measures: their work
     would land on the phones' cores and skew the ratio it asserts.
     """
+    if _held:  # within a test's lock (a fixture that measures): convert this process's lock, then back
+        lock, mode = _held[-1]
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, mode)
+        return
     with open(MACHINE_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        fcntl.flock(lock, mode)
+        _held.append((lock, mode))
+        try:
+            yield
+        finally:
+            _held.pop()
 
 
-@pytest.fixture(autouse=True)
-def _share_the_machine(request):
-    with machine_lock(exclusive=request.node.get_closest_marker("alone") is not None):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test holds the machine lock from its setup to its teardown, module fixtures included (a
+    module's first test sets them up: an autouse fixture would take the lock only after them)."""
+    with machine_lock(exclusive=item.get_closest_marker("alone") is not None):
         yield
 
 

@@ -296,6 +296,7 @@ def test_a_phone_whose_launcher_is_killed_is_planned_around(lab, build, monkeypa
 
 
 @pytest.mark.lab
+@pytest.mark.alone  # a move needs the throttled phone slower relative to the others, whatever else runs
 def test_a_phone_throttled_mid_run_is_balanced_away_with_the_same_tokens(lab, measured, tmp_path, monkeypatch):
     """Mid-generation, the fastest phone's CPU quota drops to a quarter core (`llc lab cpu`), as a phone
     that heats up: the balancer moves layers off it, the phones restart over adb with the new plan

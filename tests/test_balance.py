@@ -113,6 +113,7 @@ def test_a_plan_off_for_every_device_alike_moves_nothing(model, tmp_path):
     assert b.moves == [] and not (tmp_path / "build" / "balance").exists()
 
 
+@pytest.mark.alone  # dev1 is slower only relative to the others: another suite loading the cores evens them out
 def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tmp_path):
     """dev1 stopped 3 ms of every 4 (SIGSTOP/SIGCONT) from the first token on: the balancer moves layers
     off it, the devices restart, and every request ends with the unsplit model's greedy tokens."""
