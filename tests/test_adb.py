@@ -170,9 +170,9 @@ def test_slow_phone_runs_decode_steps_proportionally_slower(lab, measured, tmp_p
     ms = {s["device"]: s["ms_per_decode_step_median"] for s in json.loads((tmp_path / "r.json").read_text())["summary"]["stages"]}
     print(f"ms per decode step of 16 layers: 1.0 phone {ms['phone1']:.2f}, 0.25 phone {ms['phone3']:.2f}; "
           f"speed ratio {ms['phone1'] / ms['phone3']:.3f}")
-    # 0.27 on most days; 0.32-0.42 on some (idle host, the same code: the kernel enforces a 1 ms quota at
-    # its 4 ms tick, and forgives some overruns), and 0.308 with a second test suite loading the 1.0
-    # phone's core: at least about twice as slow, never a budget that short steps stay under (near 1)
+    # 0.27 on most days; 0.32-0.42 on some (idle host, the same code; not yet explained), and 0.308 with
+    # a second test suite loading the 1.0 phone's core: at least about twice as slow, never a budget
+    # that short steps stay under (near 1)
     assert 0.2 <= ms["phone1"] / ms["phone3"] <= 0.55
 
 
