@@ -114,11 +114,15 @@ def weight_groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
                   group_of: Callable[[str], Hashable]) -> list[list[TensorProto]]:
     """The groups of weights a segment of ``nodes`` needs, each whole (with weights only others read),
     in the model's order."""
-    wanted = {group_of(t.name) for t in _initializers(model, nodes)}
+    return groups_of(model, {group_of(t.name) for t in _initializers(model, nodes)}, group_of)
+
+
+def groups_of(model: onnx.ModelProto, keys: set, group_of: Callable[[str], Hashable]) -> list[list[TensorProto]]:
+    """Every weight of the groups named ``keys``, group by group, in the model's order."""
     groups: dict[Hashable, list[TensorProto]] = {}
     for t in model.graph.initializer:
         key = group_of(t.name)
-        if key in wanted:
+        if key in keys:
             groups.setdefault(key, []).append(t)
     return list(groups.values())
 

@@ -34,7 +34,8 @@ from llc.compiler.costmodel import Split, batched_tokens_per_s, build_tables
 from llc.compiler.passes.comm_map import link_bytes
 from llc.compiler.passes.layout import build_inputs
 from llc.compiler.report import render_report
-from llc.compiler.segment import group_bytes, sha256_file, weight_groups, write_segment, write_weights
+from llc.compiler.segment import (group_bytes, groups_of, sha256_file, weight_groups, write_segment,
+                                  write_weights)
 from llc.compiler.state import Block, CompileState, TensorInfo, tensor_nbytes
 from llc.progress import Progress
 from llc.runtime import chat
@@ -212,8 +213,7 @@ def spare_groups(state: CompileState, stage, mine: list, group_of) -> list:
     below, above = range(stage.first_block - 1, -1, -1), range(stage.last_block + 1, len(state.blocks))
     for b in (x for pair in zip_longest(below, above) for x in pair if x is not None):
         wanted = {group_of(t) for t in state.blocks[b].weights} - have
-        groups = [[t for t in state.model.graph.initializer if group_of(t.name) == key] for key in sorted(
-            wanted, key=str)]
+        groups = groups_of(state.model, wanted, group_of)
         size = group_bytes(state.data_dir, groups)
         if size > budget:
             break
