@@ -234,12 +234,12 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
     their size is checked, and the launcher hashes whatever it loads.
     ``say`` hears the MB pushed of the MB to push, file by file.
     """
-    want = {name: sha256_file(path) for name, path in local.items()}
     size = {name: path.stat().st_size for name, path in local.items()}
-    spares = [n for n in sorted(want) if n.startswith("spare/")]
-    have = remote_hashes(adb, phone, remote_dir, [n for n in sorted(want) if n not in spares])
+    spares = [n for n in sorted(local) if n.startswith("spare/")]
+    want = {name: sha256_file(path) for name, path in local.items() if name not in spares}  # spares: by size
+    have = remote_hashes(adb, phone, remote_dir, sorted(want))
     sizes = remote_sizes(adb, phone, remote_dir, spares)
-    todo = [n for n in sorted(want) if (sizes.get(n) != size[n] if n in spares else have.get(n) != want[n])]
+    todo = [n for n in sorted(local) if (sizes.get(n) != size[n] if n in spares else have.get(n) != want[n])]
     pushed = Pushed()
     if todo:
         dirs = sorted({remote_dir} | {f"{remote_dir}/{Path(n).parent.as_posix()}" for n in todo if "/" in n})
@@ -265,7 +265,7 @@ def sync(adb: Adb, phone: Phone, local: dict[str, Path], remote_dir: str,
         progress.add(size[name])
     if todo:
         have = remote_hashes(adb, phone, remote_dir, todo)
-        bad = [n for n in todo if have.get(n) != want[n]]
+        bad = [n for n in todo if have.get(n) != (want.get(n) or sha256_file(local[n]))]
         if bad:
             raise TargetError(phone.name, f"checksum mismatch on the device after push: {', '.join(bad)}")
     return pushed
