@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from conftest import lab_up
 from llc.lab.phones import LabError, PhoneSpec, assign_cores, cpu_quota
@@ -39,7 +40,7 @@ BURSTS = (  # iterations per second of 40 bursts of 60000 iterations (a few ms) 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    specs = [PhoneSpec(cpu=1.0, rate="100mbit"), PhoneSpec(cpu=0.25, rate="20mbit")]
+    specs = [PhoneSpec(cpu=1.0, rate="100mbit", latency_ms=1.0), PhoneSpec(cpu=0.25, rate="20mbit", latency_ms=4.0)]
     with lab_up(tmp_path_factory.mktemp("lab"), specs, name=NAME, subnet=SUBNET, adb_port=ADB_PORT) as the_lab:
         yield the_lab
 
@@ -145,12 +146,44 @@ def test_rate_limit_host_to_phone(lab):
     assert 12 <= mbit <= 24
 
 
+CONNECT = (  # median TCP connect time (one round trip) in ms from this phone to HOST:PORT
+    "import socket, statistics, sys, time\n"
+    "ts = []\n"
+    "for _ in range(15):\n"
+    "    t = time.perf_counter(); socket.create_connection((sys.argv[1], 5555), timeout=5).close()\n"
+    "    ts.append(time.perf_counter() - t)\n"
+    "print(statistics.median(ts) * 1000)\n"
+)
+
+
+def test_link_latency(lab):
+    """Each phone's link delays its packets both ways: host to phone is 2x its latency per round trip,
+    phone to phone 2x the sum of both (1 ms and 4 ms here); the profile says so too."""
+    fast, slow = lab.phones
+    def rtt_from_host(phone):
+        ts = []
+        for _ in range(15):
+            t = time.perf_counter()
+            socket.create_connection((phone.address, 5555), timeout=5).close()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2] * 1000
+    lab.adb("shell", f"cat > /data/local/tmp/connect.py <<'EOF'\n{CONNECT}EOF", serial=fast.serial)
+    between = float(lab.adb("shell", f"python3 /data/local/tmp/connect.py {slow.address}",
+                            serial=fast.serial).stdout.split()[-1])
+    to_fast, to_slow = rtt_from_host(fast), rtt_from_host(slow)
+    print(f"round trips: host-phone1 {to_fast:.2f} ms, host-phone2 {to_slow:.2f} ms, phone1-phone2 {between:.2f} ms")
+    assert 2.0 <= to_fast <= 4.0 and 8.0 <= to_slow <= 11.0 and 10.0 <= between <= 14.0
+    assert all(r["delay"] == "running" for r in lab.status())
+    link = yaml.safe_load((lab.state_dir / "devices.yaml").read_text())["network"]["links"][0]
+    assert link["latency_ms"] == pytest.approx(5.2)
+
+
 def test_down_leaves_nothing(lab):
     """Last in this file: takes the shared lab down and looks for leftovers."""
     phone = lab.phones[1]
     # a process started through adb shell must die with the lab (no pid namespace: its pid is the host's)
     sleeper = int(lab.adb("shell", "nohup sleep 600 >/dev/null 2>&1 & echo $!", serial=phone.serial).stdout)
-    pids = [p.pid for p in lab.phones] + [sleeper]
+    pids = [p.pid for p in lab.phones] + [p.delay_pid for p in lab.phones] + [sleeper]
     lab.down()
 
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "lab processes left"

@@ -10,7 +10,11 @@ Per phone the lab makes:
     phone i = 1..N (phone1 is 10.77.0.11), wired by a veth pair to the host
     bridge `<name>br0` (<subnet>.1), so phones reach the host and each other;
   - a tbf rate limit on both ends of that veth (host side shapes host->phone,
-    phone side shapes phone->anything); netem is not in this kernel;
+    phone side shapes phone->anything);
+  - optionally a link latency: netem is not in this kernel, so packets in and
+    out of the phone's eth0 go through NFQUEUE to a process in its namespace
+    that lets each one pass a fixed time later (llc/lab/delay.py). Host to
+    phone is then one latency, phone to phone two (both links), as for rates;
   - a slower CPU: the phone is pinned to one core of this machine (cgroup v1
     cpuset `<name>-lab/<phone>`), and a CFS quota with a *short* period
     (`cpu/<name>-lab/<phone>`: 1 ms of CPU every 1/cpu ms, so 1 ms per 4 ms
@@ -29,10 +33,12 @@ Per phone the lab makes:
     /data/local/tmp, the folder phones let `adb push` write to.
 
 The lab uses its own adb server port so it never touches a user's adb server.
-Needs root, `adb`, `adbd` and iproute2 (scripts/install-lab-deps.sh).
+Needs root, `adb`, `adbd` and iproute2, and for latency iptables and the
+NetfilterQueue package (scripts/install-lab-deps.sh, pip install '.[lab]').
 
 CLI (`llc lab ...` or `python -m llc.lab.phones ...`):
-    up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --memory 1500,800,400 --state-dir /tmp/llc-lab
+    up --phones 3 --cpu 1,0.5,0.25 --rate 200mbit,50mbit,20mbit --memory 1500,800,400 --latency 5ms
+       --state-dir /tmp/llc-lab
     status --state-dir /tmp/llc-lab
     cpu phone1 0.25 --state-dir /tmp/llc-lab     (throttle a phone mid-run; 1 restores it)
     down --state-dir /tmp/llc-lab
@@ -68,6 +74,7 @@ ADBD_PORT = 5555
 DEVICE_TMP = Path("/data/local/tmp")  # what phones expose to `adb push`
 DEFAULT_STATE_DIR = "/tmp/llc-lab"
 DEFAULT_ADB_PORT = 5137  # not 5037: never share the user's adb server
+BASE_LATENCY_MS = 0.2  # a phone-to-phone hop of the lab without added latency (veths, bridge)
 GFLOPS_PER_CORE = 8.0  # rough fp32 onnxruntime speed of one host core, for devices.yaml only
 
 # The script run (via `unshare --mount --uts`) in front of adbd. It joins the
@@ -99,6 +106,7 @@ class PhoneSpec:
     cpu: float = 1.0  # speed as a share of one core of this machine, 0 < cpu <= 1
     rate: str = "100mbit"  # tc rate of its link, each direction
     memory_mb: int = 2000  # its memory limit (cgroup v1 memory controller): what `llc profile` reads
+    latency_ms: float = 0.0  # one-way delay of its link, each direction (0: none)
 
 
 @dataclass
@@ -121,6 +129,8 @@ class Phone:
     cgroup: str  # its cpu cgroup (the cpuset one has the same name)
     data_dir: str  # host folder that is /data/local/tmp on the phone
     pid: int  # adbd (unshare, sh and nsenter all exec into it)
+    latency_ms: float = 0.0
+    delay_pid: int = 0  # the process that delays its packets (llc/lab/delay.py), 0 without latency
 
 
 def parse_rate(rate: str) -> int:
@@ -309,6 +319,10 @@ class Lab:
             if not 64 <= s.memory_mb <= 1 << 20:
                 raise LabError(f"memory {s.memory_mb} MB: give 64 MB or more")
             parse_rate(s.rate)
+            if not 0 <= s.latency_ms <= 1000:
+                raise LabError(f"latency {s.latency_ms} ms: give 0 to 1000 ms")
+        if any(s.latency_ms for s in specs):
+            _preflight_latency()
         cores = assign_cores([s.cpu for s in specs], sorted(os.sched_getaffinity(0)))
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +377,7 @@ class Lab:
         _run(["ip", "-n", netns, "route", "add", "default", "via", f"{self.subnet}.1"])
         _run(["tc", "qdisc", "add", "dev", veth, "root"] + tbf)  # host -> phone
         _run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "eth0", "root"] + tbf)  # phone -> out
+        delay_pid = self._start_delay(netns, spec.latency_ms, self.state_dir / name) if spec.latency_ms else 0
 
         cgroup = self.cgroup / name
         cgroup.mkdir(exist_ok=True)
@@ -382,9 +397,33 @@ class Lab:
         return Phone(
             name=name, index=i, address=address, serial=f"{address}:{ADBD_PORT}",
             cpu=spec.cpu, cpu_quota_us=quota, cpu_period_us=period, core=core, rate=spec.rate, rate_bps=rate_bps,
-            memory_mb=spec.memory_mb,
+            memory_mb=spec.memory_mb, latency_ms=spec.latency_ms, delay_pid=delay_pid,
             netns=netns, veth=veth, cgroup=str(cgroup), data_dir=str(data_dir), pid=pid,
         )
+
+    def _start_delay(self, netns: str, latency_ms: float, phone_dir: Path) -> int:
+        """Start the phone's packet delayer in its namespace, then queue eth0's packets to it.
+
+        The delayer binds its queue before the rules exist: a queued packet with
+        no listener would be dropped.
+        """
+        phone_dir.mkdir(parents=True, exist_ok=True)
+        ready = phone_dir / "delay.ready"
+        ready.unlink(missing_ok=True)
+        with open(phone_dir / "delay.log", "ab") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", netns, sys.executable, "-m", "llc.lab.delay", "0", str(latency_ms), str(ready)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise LabError(f"the packet delayer of {netns} did not start; see {phone_dir / 'delay.log'}")
+            time.sleep(0.05)
+        for rule in (["PREROUTING", "-i", "eth0"], ["POSTROUTING", "-o", "eth0"]):
+            _run(["ip", "netns", "exec", netns, "iptables-legacy", "-t", "mangle", "-A", *rule,
+                  "-j", "NFQUEUE", "--queue-num", "0"])
+        return proc.pid
 
     def _start_adbd(self, name: str, address: str, cgroup: Path, cpuset: Path, memcg: Path, data_dir: Path,
                     netns: str, log: Path) -> int:
@@ -481,7 +520,7 @@ class Lab:
 
         gflops is an estimate (GFLOPS_PER_CORE x cpu quota) until measured; a
         link between two phones crosses both their tbf limits, so it gets the
-        lower rate.
+        lower rate and the sum of their latencies.
         """
         devices = [{
             "name": p.name, "target": "adb", "serial": p.serial, "address": p.address,
@@ -489,10 +528,12 @@ class Lab:
             "threads": max(1, math.ceil(p.cpu)),
         } for p in self.phones]
         links = [{"between": [a.name, b.name], "bandwidth_mbps": min(a.rate_bps, b.rate_bps) / 1e6,
-                  "latency_ms": 0.2}
+                  "latency_ms": round(BASE_LATENCY_MS + a.latency_ms + b.latency_ms, 3)}
                  for i, a in enumerate(self.phones) for b in self.phones[i + 1:]]
         slowest = min((p.rate_bps for p in self.phones), default=100e6) / 1e6
-        doc = {"devices": devices, "network": {"bandwidth_mbps": slowest, "latency_ms": 0.2, "links": links}}
+        worst = BASE_LATENCY_MS + 2 * max((p.latency_ms for p in self.phones), default=0.0)
+        doc = {"devices": devices, "network": {"bandwidth_mbps": slowest, "latency_ms": round(worst, 3),
+                                               "links": links}}
         header = (f"# llc lab: {len(devices)} emulated phones; adb server tcp:localhost:{self.adb_port}\n"
                   f"# (export ADB_SERVER_SOCKET=tcp:localhost:{self.adb_port}). gflops are estimates.\n")
         return header + yaml.safe_dump(doc, sort_keys=False)
@@ -519,8 +560,9 @@ class Lab:
         for p in self.phones:
             state = self.adb("get-state", serial=p.serial, timeout=10, check=False) if server else None
             rows.append({
-                "name": p.name, "serial": p.serial, "cpu": p.cpu, "rate": p.rate,
+                "name": p.name, "serial": p.serial, "cpu": p.cpu, "rate": p.rate, "latency_ms": p.latency_ms,
                 "adbd": "running" if _alive(p.pid) else "gone",
+                **({"delay": "running" if _alive(p.delay_pid) else "gone"} if p.delay_pid else {}),
                 "netns": "yes" if p.netns in netns else "no",
                 "adb": (state.stdout.strip() or "offline") if state else "no adb server",
             })
@@ -600,6 +642,25 @@ def _preflight() -> None:
             raise LabError(f"no cgroup v1 {controller.name} controller at {controller}")
 
 
+def _preflight_latency() -> None:
+    """A link latency needs iptables' NFQUEUE target and the NetfilterQueue package."""
+    if not shutil.which("iptables-legacy"):
+        raise LabError("--latency needs iptables-legacy: run scripts/install-lab-deps.sh")
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        raise LabError("--latency needs the NetfilterQueue package: pip install '.[lab]' "
+                       "(after scripts/install-lab-deps.sh)") from None
+
+
+def parse_latency(value: str) -> float:
+    """'5ms', '5' or '0.5ms' -> milliseconds."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms)?\s*", value.lower())
+    if not m:
+        raise click.BadParameter(f"give milliseconds like 5ms, got {value!r}", param_hint="--latency")
+    return float(m.group(1))
+
+
 # ---- CLI -----------------------------------------------------------------
 
 
@@ -629,13 +690,15 @@ _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default
 @click.option("--rate", default="100mbit", show_default=True, help="Link rate per phone (tc syntax), e.g. 200mbit,50mbit.")
 @click.option("--memory", default="2000", show_default=True,
               help="Memory limit per phone in MB (what `llc profile` reads), e.g. 1500,800,400.")
+@click.option("--latency", default="0ms", show_default=True,
+              help="One-way delay of each phone's link, e.g. 5ms or 5ms,20ms,20ms (phone to phone: both links).")
 @click.option("--names", default=None, help="Phone names, comma-separated (default phone1, phone2, ...).")
 @click.option("--adb-port", default=DEFAULT_ADB_PORT, show_default=True, help="The lab's private adb server port.")
 @click.option("--name", "lab_name", default="llc", show_default=True, help="Prefix of the lab's bridge, namespaces, cgroup.")
 @click.option("--subnet", default="10.77.0", show_default=True, help="First three octets of the lab network.")
 @_state_opt
 @one_line_errors
-def up_cmd(n, cpu, rate, memory, names, adb_port, lab_name, subnet, state_dir) -> None:
+def up_cmd(n, cpu, rate, memory, latency, names, adb_port, lab_name, subnet, state_dir) -> None:
     """Bring up N phones and print where they are (also written to STATE_DIR/lab.json)."""
     cpus = [float(c) for c in _split(cpu, n, "--cpu")]
     rates = _split(rate, n, "--rate")
@@ -643,14 +706,17 @@ def up_cmd(n, cpu, rate, memory, names, adb_port, lab_name, subnet, state_dir) -
         mems = [int(m) for m in _split(memory, n, "--memory")]
     except ValueError:
         raise click.BadParameter(f"whole MB, got {memory!r}", param_hint="--memory") from None
+    lats = [parse_latency(x) for x in _split(latency, n, "--latency")]
     name_list = _split(names, n, "--names") if names else [None] * n
-    specs = [PhoneSpec(name=nm, cpu=c, rate=r, memory_mb=m) for nm, c, r, m in zip(name_list, cpus, rates, mems)]
+    specs = [PhoneSpec(name=nm, cpu=c, rate=r, memory_mb=m, latency_ms=d)
+             for nm, c, r, m, d in zip(name_list, cpus, rates, mems, lats)]
     the_lab = Lab(state_dir, adb_port=adb_port, name=lab_name, subnet=subnet)
     phones = the_lab.up(specs)
-    click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us, core)':<30} {'rate':<10} /data/local/tmp is")
+    click.echo(f"{'phone':<12} {'serial':<18} {'cpu (quota/period us, core)':<30} {'rate':<10} {'latency':<8} "
+               f"/data/local/tmp is")
     for p in phones:
         click.echo(f"{p.name:<12} {p.serial:<18} {f'{p.cpu} ({p.cpu_quota_us}/{p.cpu_period_us}, {p.core})':<30} "
-                   f"{p.rate:<10} {p.data_dir}")
+                   f"{p.rate:<10} {f'{p.latency_ms:g}ms':<8} {p.data_dir}")
     click.echo(f"state: {Path(state_dir) / 'lab.json'}   profile: {Path(state_dir) / 'devices.yaml'}")
     click.echo(f"adb:   export ADB_SERVER_SOCKET=tcp:localhost:{adb_port}   (or adb -P {adb_port} ...)")
 
