@@ -46,6 +46,7 @@ CLI (`llc lab ...` or `python -m llc.lab.phones ...`):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -646,11 +647,9 @@ def _preflight_latency() -> None:
     """A link latency needs iptables' NFQUEUE target and the NetfilterQueue package."""
     if not shutil.which("iptables-legacy"):
         raise LabError("--latency needs iptables-legacy: run scripts/install-lab-deps.sh")
-    try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("netfilterqueue") is None:
         raise LabError("--latency needs the NetfilterQueue package: pip install '.[lab]' "
-                       "(after scripts/install-lab-deps.sh)") from None
+                       "(after scripts/install-lab-deps.sh)")
 
 
 def parse_latency(value: str) -> float:
