@@ -160,3 +160,24 @@ def test_batching_is_predicted_from_what_a_step_reads():
     assert batched_tokens_per_s(t, two, 4, 4) == (pytest.approx(1000 * 4 / 28), 2)
     folded = CostTables(**{**t.__dict__, "t_decode_read": ()})  # no read bandwidth: no gain predicted
     assert batched_tokens_per_s(folded, one, 4, 4)[0] == pytest.approx(1000 * 4 / 80)
+
+
+def test_throughput_with_few_requests_weighs_the_round_trip():
+    """4 requests in flight on a fast device and a slow one: over slow links the fast one alone makes
+    more tokens/s than the least-bottleneck split (every token waits the round trip); over fast links
+    the split wins. Either way the plan is the candidate with the most predicted tokens/s."""
+    from llc.compiler.costmodel import Split, batched_tokens_per_s
+    from llc.compiler.passes.partition import most_tokens
+
+    t = random_tables(random.Random(2), nb=4, nd=2, objective="throughput")
+    big = (1e12, 1e12)
+    t = CostTables(**{**t.__dict__, "capacity": big, "t_decode": ((4.0, 8.0),) * 4,
+                      "t_decode_read": ((2.0, 4.0),) * 4, "ms_per_byte": ((0.0, 0.0), (0.0, 0.0))})
+    first = solve(t)[0]
+    assert len(first.stages) == 2  # the bottleneck alone splits
+    for hop, stages in ((20.0, 1), (0.1, 2)):
+        tt = CostTables(**{**t.__dict__, "latency_ms": ((0.0, hop), (hop, 0.0))})
+        best = most_tokens(tt, solve(tt)[0], 4, 4, 10.0)
+        assert len(best.stages) == stages
+        alone = batched_tokens_per_s(tt, Split(((0, 0, 3),)), 4, 4)[0]
+        assert batched_tokens_per_s(tt, best, 4, 4)[0] >= alone

@@ -63,7 +63,7 @@ def _median_decode_ms(stage: StageStats, since: float) -> float | None:
     return ms[len(ms) // 2] if ms else None
 
 
-def _summary(results: list[RequestResult], stages: list[StageStats], wall_s: float, since: float,
+def summarize(results: list[RequestResult], stages: list[StageStats], wall_s: float, since: float,
              plan: schema.PlanDoc | None = None) -> dict:
     """Timings in one dict: printed as text, written as JSON (``since``: the run's start, device clock).
 
@@ -195,7 +195,7 @@ def run(build_dir: Path, prompt: str | None, prompts_file: Path | None, max_new_
                    + (f"; {m.lost_s:.1f} s to the next token" if m.lost_s is not None else ""), err=True)
     for r in results:
         r.text = tok.decode(r.tokens, skip_special_tokens=True)
-    summary = _summary(results, stage_stats, wall, started, schema.open_build(out.build).plan)
+    summary = summarize(results, stage_stats, wall, started, schema.open_build(out.build).plan)
     summary["failovers"] = [asdict(f) for f in failovers]
     summary["moves"] = [asdict(m) for m in out.moves]
     if balancer is not None:  # each stage's pace against the plan, every couple of seconds

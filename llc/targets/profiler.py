@@ -11,7 +11,8 @@ Per device (over adb, or as a process here for `target: local`):
     for a few seconds of wall time after a warm-up. Two shapes are timed:
     decode (1 token over a 256-token cache, one run at a time with a 10 ms
     pause after each, as a pipeline stage runs its steps) and prefill (64
-    tokens, back to back). `gflops` is the decode rate, because per-token
+    tokens, with the same pause: a stage's prefill follows an idle wait too;
+    back to back, a 0.25-core phone measured 0.17 of a full one). `gflops` is the decode rate, because per-token
     decode is what the plan's latency
     (and, with several requests, throughput) is made of; prefill is reported
     in the file's comments. Weights are fed as inputs filled on the device, so
@@ -100,7 +101,7 @@ class BenchLayers:
             {"name": "decode", "dims": {"T": 1, "P": self.decode_context},
              "flops": self.flops(1, self.decode_context), "idle_ms": 10},
             {"name": "prefill", "dims": {"T": self.prefill_tokens, "P": 0},
-             "flops": self.flops(self.prefill_tokens, 0)},
+             "flops": self.flops(self.prefill_tokens, 0), "idle_ms": 10},
         ]
 
 

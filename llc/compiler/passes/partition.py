@@ -23,7 +23,10 @@ choosing participants and order needs no permutation variables:
         at block 0 (the tail sends the sampled token to the head), leaving out
         a single device that runs everything
     latency:    min sum v T(d,i,j) + hops + return   (one request, per token)
-    throughput: min Z + eps * latency,  Z >= each device's T,  Z >= each hop
+    throughput: min Z + eps * latency,  Z >= each device's T,  Z >= each hop;
+        then, with several requests in flight, the plan among this one and
+        each stage count's latency and bottleneck optima that the batched
+        prediction gives the most tokens/s (``most_tokens``)
 
 The path constraints are totally unimodular. Without y[b,d,d] (which let the
 LP pair a device with itself for free), the latency LP bound is the optimum or
@@ -51,7 +54,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -59,8 +62,9 @@ import mip
 import mip.cbc
 import yaml
 
-from llc.compiler.costmodel import (EPS, MIB, TIE, TOKEN_BYTES, CostTables, Split, build_tables, evaluate,
-                           even_split, memory_proportional_split)
+from llc.compiler.costmodel import (EPS, MIB, TIE, TOKEN_BYTES, CostTables, Split, batched_tokens_per_s,
+                                    build_tables, evaluate, even_split, memory_proportional_split)
+from llc.compiler.passes.emit import batching
 from llc.errors import DoesNotFit, LlcError
 from llc.compiler.state import CompileState, Plan, StagePlan
 
@@ -334,5 +338,30 @@ class Partition:
             raise DoesNotFit(where, f"model does not fit: no contiguous split fits the devices' "
                                     f"memory (largest block needs {biggest * t.safety / MIB:.0f} MB; "
                                     f"solver: {status})")
+        if t.objective == "throughput" and t.stages is None and state.workload.requests_in_flight > 1:
+            t0 = time.perf_counter()
+            split = most_tokens(t, split, state.workload.requests_in_flight, batching(state)[0], self.time_limit)
+            seconds += time.perf_counter() - t0
         state.plan = plan_from_split(t, split, "mip", seconds)
         return state
+
+
+def most_tokens(t: CostTables, first: Split, requests: int, max_batch: int, time_limit: float) -> Split:
+    """The plan that makes the most tokens/s with ``requests`` in flight, batched.
+
+    The bottleneck is the throughput of a pipeline kept full; a few requests in
+    flight do not keep it full. Each request's token then waits a whole round
+    trip (every stage, every hop), and a stage's batched step reads its weights
+    once for the whole group (costmodel.batched_tokens_per_s). So on fast
+    phones with slow links one phone alone can beat any split, and more stages
+    mean smaller groups. The MIP proposes, for every stage count, its least-latency
+    and its least-bottleneck plan; the batched prediction picks among them and
+    the unconstrained bottleneck plan (which wins ties).
+    """
+    candidates = [first]
+    for k in range(1, min(len(t.devices), len(t.mem)) + 1):
+        for objective in ("latency", "throughput"):
+            split, _, _ = solve(replace(t, stages=k, objective=objective), time_limit)
+            if split is not None:
+                candidates.append(split)
+    return max(candidates, key=lambda s: batched_tokens_per_s(t, s, requests, max_batch)[0])
