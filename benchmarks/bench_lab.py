@@ -8,7 +8,8 @@ limits, tbf rates, a user-space link latency), one after the other:
 - ``3``: phones of 1.0 / 0.5 / 0.25 of a core, 1500 / 800 / 600 MB, 200 / 50 / 20 Mbit;
 - ``4``: 1.0 / 0.5 / 0.25 / 0.25 cores, 1500 / 800 / 600 / 600 MB, 200 / 50 / 20 / 20 Mbit;
 - ``memory``: the memory-bound case: three phones of 450 MB (1.0 / 0.5 / 0.5 cores,
-  200 Mbit) and SmolLM2 in fp32 (540 MB of weights): no phone holds it alone.
+  200 Mbit) and SmolLM2 in fp32 (540 MB of weights): no phone holds it alone;
+- ``3fp32`` (not in the default run): the 3-phone lab with fp32 weights.
 
 every link 5 ms one way (``--latency``), it runs `llc profile`, then compiles
 SmolLM2 with each plan, deploys it over adb and measures it on the same prompts:
@@ -89,6 +90,9 @@ def labs(latency_ms: float) -> dict[str, LabSpec]:
         "3": LabSpec("3 phones", [phone(1.0, 1500, "200mbit"), phone(0.5, 800, "50mbit"), phone(0.25, 600, "20mbit")]),
         "4": LabSpec("4 phones", [phone(1.0, 1500, "200mbit"), phone(0.5, 800, "50mbit"), phone(0.25, 600, "20mbit"),
                                   phone(0.25, 600, "20mbit")]),
+        "3fp32": LabSpec("3 phones fp32", [phone(1.0, 1500, "200mbit"), phone(0.5, 800, "50mbit"),
+                                           phone(0.25, 600, "20mbit")], weights="fp32",
+                         note="the 3-phone lab with fp32 weights (not in the default run)"),
         "memory": LabSpec("memory-bound", [phone(1.0, 450, "200mbit"), phone(0.5, 450, "200mbit"),
                                            phone(0.5, 450, "200mbit")], weights="fp32",
                           note="fp32, 540 MB of weights, phones of 450 MB"),
@@ -127,8 +131,7 @@ def stage_rows(run: dict, plan: schema.PlanDoc) -> list[dict]:
         p = planned[s["device"]]
         rows.append({"device": s["device"], "layers": f"{p.labels[0]}..{p.labels[-1]}",
                      "decode_predicted_ms": p.compute_ms_decode, "decode_measured_ms": s["ms_per_decode_step_median"],
-                     "prefill_predicted_ms": p.compute_ms_prefill,
-                     "prefill_measured_ms": s["prefill_ms"] / s["prefill_steps"] if s["prefill_steps"] else None,
+                     "prefill_predicted_ms": p.compute_ms_prefill, "prefill_measured_ms": s["ms_per_prefill"],
                      "memory_predicted_mb": s["predicted_memory_mb"], "peak_rss_mb": s["peak_rss_mb"]})
     return rows
 
@@ -318,7 +321,7 @@ def run_lab(key: str, spec: LabSpec, args, model: Path, tmp: Path, bin_dir: Path
         log(f"lab {spec.name} up and profiled in {time.monotonic() - t:.0f} s")
         tok = None
         for name, opts in plans(profile).items():
-            if (args.plans and name not in args.plans) or (key == "4" and name == "best phone"):
+            if (args.plans and name not in args.plans) or (key in ("4", "3fp32") and name == "best phone"):
                 continue  # the 4-phone lab's best phone is the 3-phone lab's
             build = tmp / f"build-{key}-{name.replace(' ', '-')}"
             prof = load_profile(profile)
@@ -399,7 +402,7 @@ def stage_table(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("models/smollm2/model.onnx"))
-    ap.add_argument("--labs", default="3,4,memory", help="which labs: 3, 4, memory")
+    ap.add_argument("--labs", default="3,4,memory", help="which labs: 3, 4, memory, 3fp32")
     ap.add_argument("--plans", default=None, help="only these plans (comma-separated)")
     ap.add_argument("--weights", default="int4", choices=["fp32", "int8", "int4"])
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per request")

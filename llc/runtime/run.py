@@ -91,6 +91,9 @@ def summarize(results: list[RequestResult], stages: list[StageStats], wall_s: fl
              "decode_rows": s.decode_rows, "mean_batch": s.mean_batch,
              "ms_per_decode_step_median": _median_decode_ms(s, since),
              "predicted_ms_per_decode_step": planned[s.device].compute_ms_decode if s.device in planned else None,
+             "ms_per_prefill": s.prefill_ms / s.prefill_steps if s.prefill_steps else None,
+             # at the workload's prompt_tokens: compare with prompts of about that length
+             "predicted_ms_per_prefill": planned[s.device].compute_ms_prefill if s.device in planned else None,
              "rss_mb": s.rss_bytes / MIB, "peak_rss_mb": s.peak_rss_bytes / MIB,
              "predicted_memory_mb": planned[s.device].memory_bytes / MIB if s.device in planned else None}
             for s in stages
