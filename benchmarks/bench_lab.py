@@ -55,6 +55,7 @@ from llc.errors import LlcError
 from llc.lab.phones import Lab, PhoneSpec
 from llc.profile import load_profile
 from llc.runtime.coordinator import load_tokenizer
+from llc.runtime.device import document
 from llc.runtime.device.sampling import SamplingParams
 from llc.runtime.run import devices_running, summarize
 
@@ -244,34 +245,41 @@ def run_llama(lab: Lab, best: str, others: list[str], bin_dir: Path, tokens: int
 
 
 def step_timeline(events: dict[str, list], order: list[str], plan: schema.PlanDoc, title: str) -> str:
-    """One decode step of one request (1 in flight, the median step): each stage's compute and each
-    transfer, measured, with the plan's prediction as an outline under it."""
-    first = order[0]
-    steps = sorted({e[1] for e in events[first] if e[0] == events[first][0][0] and e[1] >= 1})
-    rid, step = events[first][0][0], steps[len(steps) // 2]
-    spans = []  # (label, start, end, predicted ms, kind)
+    """One decode step of one request (1 in flight, its median step), in pipeline order: each stage's
+    compute, each transfer and the token's return to the head, measured, with the plan's prediction
+    as an outline under it."""
+    head = order[0]
+    rid = events[head][0][0]
+    steps = sorted({e[1] for e in events[head] if e[0] == rid and e[1] >= 1})
+    step = steps[len(steps) // 2]
+    at = {d: next(e for e in events[d] if e[0] == rid and e[1] == step) for d in order}
     planned = {s.device: s for s in plan.stages}
+    spans = []  # (label, start, end, predicted ms, kind)
     for k, d in enumerate(order):
-        e = next(e for e in events[d] if e[0] == rid and e[1] == step)
-        spans.append((d, e[2], e[3], planned[d].compute_ms_decode, "compute"))
-    for k in range(len(order) - 1):
-        a, b = spans[k], spans[k + 1]
-        spans.append((f"{order[k]}->{order[k + 1]}", a[2], b[1], planned[order[k]].hop_ms_decode, "link"))
+        spans.append((d, at[d][2], at[d][3], planned[d].compute_ms_decode, "compute"))
+        nxt = order[k + 1] if k + 1 < len(order) else None
+        if nxt is not None:
+            spans.append((f"{d} -> {nxt}", at[d][3], at[nxt][2], planned[d].hop_ms_decode, "link"))
+        else:  # the sampled token back to the head, which starts the next step on it
+            again = next((e for e in events[head] if e[0] == rid and e[1] == step + 1), None)
+            if again is not None:
+                spans.append((f"{d} -> {head} (token)", at[d][3], again[2], planned[d].hop_ms_decode, "link"))
     t0 = spans[0][1]
     end = max(max(s[2] for s in spans) - t0, sum(s[3] for s in spans) / 1000) or 1e-3
-    width, left, row = 900.0, 170.0, 26
-    x = lambda t: left + t / end * (width - left - 20)  # noqa: E731
+    width, left, right, row = 1000.0, 190.0, 170.0, 26
+    x = lambda t: left + t / end * (width - left - right)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{row * len(spans) + 50}" '
              f'font-family="sans-serif" font-size="11"><text x="10" y="14">{title}: measured (filled), '
              f'predicted (outline, from the same start)</text>']
     for i, (label, a, b, pred, kind) in enumerate(spans):
         y = 24 + i * row
         colour = "#4e79a7" if kind == "compute" else "#f28e2b"
+        tail = max(x(b - t0), x(a - t0) + pred / 1000 / end * (width - left - right))
         parts.append(f'<text x="10" y="{y + 12}">{label}</text>'
                      f'<rect x="{x(a - t0):.1f}" y="{y}" width="{max(x(b - t0) - x(a - t0), 1):.1f}" height="10" '
                      f'fill="{colour}"/><rect x="{x(a - t0):.1f}" y="{y + 11}" '
                      f'width="{max(x(pred / 1000) - x(0), 1):.1f}" height="8" fill="none" stroke="{colour}"/>'
-                     f'<text x="{x(b - t0) + 4:.1f}" y="{y + 9}">{(b - a) * 1000:.1f} ms (plan {pred:.1f})</text>')
+                     f'<text x="{tail + 4:.1f}" y="{y + 12}">{(b - a) * 1000:.1f} ms (plan {pred:.1f})</text>')
     parts.append(f'<text x="{left}" y="{row * len(spans) + 44}">0 to {end * 1000:.1f} ms</text></svg>')
     return "".join(parts)
 
@@ -334,7 +342,7 @@ def run_lab(key: str, spec: LabSpec, args, model: Path, tmp: Path, bin_dir: Path
                               split=opts.get("split"))
             except LlcError as e:
                 log(f"  {name}: {e}")
-                out["plans"][name] = {"error": str(e).splitlines()[0]}
+                out["plans"][name] = {"error": e.message.splitlines()[0]}
                 continue
             plan = schema.read(build, schema.PLAN)
             tok = tok or load_tokenizer(build)
@@ -343,12 +351,7 @@ def run_lab(key: str, spec: LabSpec, args, model: Path, tmp: Path, bin_dir: Path
             m["stage_rows"] = stage_rows(m["runs"][1], plan)
             m["predicted"] = {"decode_ms_per_token": plan.predicted.decode_ms_per_token,
                               "tokens_per_s_batched": plan.predicted.tokens_per_s_batched}
-            if len(m["stages"]) > 1:
-                svg = args.json.parent / f"lab-timeline-{key}-{name.replace(' ', '-')}.svg"
-                svg.parent.mkdir(parents=True, exist_ok=True)
-                svg.write_text(step_timeline(m["events"], m["stages"], plan,
-                                             f"{spec.name}, {name} plan, one decode step"))
-            m.pop("events")
+            m["plan"] = document.to_dict(plan)
             out["plans"][name] = m
             subprocess.run(["rm", "-rf", str(build)])
         if bin_dir is not None and key == "3":  # the 4-phone lab's best phone is the same; fp32 has no GGUF
@@ -372,12 +375,12 @@ def table(results: dict) -> str:
     for r in results.values():
         for name, m in list(r["plans"].items()) + [(f"llama.cpp, {k}", v) for k, v in r["llama.cpp"].items()]:
             if "error" in m:
-                rows.append([r["lab"], name, "-", "-", "-", "-", "-", m["error"][:70]])
+                rows.append([r["lab"], name, "-", "-", "-", "-", "-", m["error"][:120]])
                 continue
             runs = m["runs"]
-            tps = [f"{runs[c]['tokens_per_s']:.1f}" if c in runs else "-" for c in CONCURRENCY]
+            tps = [f"{runs[str(c)]['tokens_per_s']:.1f}" if str(c) in runs else "-" for c in CONCURRENCY]
             pred = m.get("predicted", {}).get("tokens_per_s_batched")
-            rows.append([r["lab"], name, f"{runs[1]['ttft_ms_mean']:.0f}", f"{runs[1]['ms_per_token_mean']:.1f}",
+            rows.append([r["lab"], name, f"{runs['1']['ttft_ms_mean']:.0f}", f"{runs['1']['ms_per_token_mean']:.1f}",
                          *tps, f"{pred:.1f}" if pred else "-"])
     return markdown(["lab", "plan", "TTFT ms", "ms/token", "tok/s 1", "tok/s 2", "tok/s 4",
                      "predicted tok/s 4"], rows)
@@ -399,6 +402,29 @@ def stage_table(results: dict) -> str:
                      "prefill ms predicted", "measured", "pred/meas"], rows)
 
 
+def report(doc: dict, path: Path) -> None:
+    """The tables, the tokens/s picture and a one-step timeline per plan of several stages."""
+    results = doc["labs"]
+    text = table(results) + "\n\nPer stage, 1 request in flight (the plan's prediction against the phone's " \
+                            "median):\n\n" + stage_table(results)
+    labels, series = [], {c: [] for c in CONCURRENCY}
+    for key, r in results.items():
+        for name, m in list(r["plans"].items()) + [(f"llama.cpp {k}", v) for k, v in r["llama.cpp"].items()]:
+            if "runs" not in m:
+                continue
+            labels.append(f"{r['lab']}:\n{name}".replace("llama.cpp ", "llama.cpp\n"))
+            for c in CONCURRENCY:
+                series[c].append(m["runs"][str(c)]["tokens_per_s"] if str(c) in m["runs"] else 0.0)
+            if len(m.get("stages", [])) > 1 and "events" in m:
+                plan = document.from_dict(schema.PlanDoc, m["plan"], str(path))
+                path.with_name(f"lab-timeline-{key}-{name.replace(' ', '-')}.svg").write_text(step_timeline(
+                    m["events"], m["stages"], plan, f"{r['lab']}, {name} plan, one decode step"))
+    svg = grouped_bars("tok/s per plan", labels, [(f"{c} in flight", colour, series[c]) for c, colour in
+                                                   zip(CONCURRENCY, ("#bab0ac", "#76b7b2", "#4e79a7"))],
+                       width=max(640, 92 * len(labels)))
+    write(path, doc, text, svg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("models/smollm2/model.onnx"))
@@ -409,7 +435,12 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=5.0, help="each phone link's one-way latency, ms")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp baselines")
     ap.add_argument("--json", type=Path, default=Path("bench-results/lab.json"))
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw the table and pictures of this JSON")
     args = ap.parse_args()
+    if args.replot:
+        doc = json.loads(args.replot.read_text())
+        report(doc, args.replot)
+        return
     args.plans = args.plans.split(",") if args.plans else None
     if os.geteuid() != 0:
         sys.exit("the phone lab needs root")
@@ -426,19 +457,7 @@ def main() -> None:
             results[key] = run_lab(key, specs[key], args, args.model, Path(tmp), bin_dir)
     doc = {"model": str(args.model), "weights": args.weights, "tokens": args.tokens, "prompts": PROMPTS,
            "seconds": time.monotonic() - t, "labs": results}
-    text = table(results) + "\n\nPer stage, 1 request in flight (the plan's prediction against the phone's " \
-                            "median):\n\n" + stage_table(results)
-    labels, series = [], {c: [] for c in CONCURRENCY}
-    for r in results.values():
-        for name, m in list(r["plans"].items()) + [(f"llama.cpp {k}", v) for k, v in r["llama.cpp"].items()]:
-            if "runs" in m:
-                labels.append(f"{r['lab'].split()[0]}: {name}")
-                for c in CONCURRENCY:
-                    series[c].append(m["runs"][c]["tokens_per_s"] if c in m["runs"] else 0.0)
-    svg = grouped_bars("tok/s per plan", labels, [(f"{c} in flight", colour, series[c]) for c, colour in
-                                                   zip(CONCURRENCY, ("#bab0ac", "#76b7b2", "#4e79a7"))],
-                       width=max(640, 70 * len(labels)))
-    write(args.json, doc, text, svg)
+    report(json.loads(json.dumps(doc)), args.json)  # as read back: keys are strings
     log(f"done in {(time.monotonic() - t) / 60:.1f} min")
 
 

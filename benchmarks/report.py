@@ -38,7 +38,7 @@ def grouped_bars(title: str, labels: list[str], series: list[tuple[str, str, lis
                  height: int = 300) -> str:
     """One group of bars per label, one bar per series (name, colour, a value per label), values on top."""
     top = max(max(values) for _, _, values in series) * 1.15 or 1.0
-    left, bottom = 50, 40
+    left, bottom = 50, 12 + 12 * max(label.count("\n") + 1 for label in labels) + 16
     group = (width - left - 20) / len(labels)
     bar = (group - 12) / len(series)
     legend = ", ".join(f'<tspan fill="{colour}">{name}</tspan>' for name, colour, _ in series)
@@ -48,10 +48,13 @@ def grouped_bars(title: str, labels: list[str], series: list[tuple[str, str, lis
         x = left + i * group
         for j, (_, colour, values) in enumerate(series):
             bh = values[i] / top * (height - bottom - 30)
-            parts.append(f'<rect x="{x + 6 + j * bar:.1f}" y="{height - bottom - bh:.1f}" width="{bar:.1f}" '
-                         f'height="{bh:.1f}" fill="{colour}"/><text x="{x + 6 + j * bar + 2:.1f}" '
-                         f'y="{height - bottom - bh - 3:.1f}">{values[i]:,.0f}</text>')
-        parts.append(f'<text x="{x + group / 2:.1f}" y="{height - bottom + 14}" text-anchor="middle">{label}</text>')
+            if values[i] > 0:  # 0: not measured
+                parts.append(f'<rect x="{x + 6 + j * bar:.1f}" y="{height - bottom - bh:.1f}" width="{bar:.1f}" '
+                             f'height="{bh:.1f}" fill="{colour}"/><text x="{x + 6 + j * bar + 2:.1f}" '
+                             f'y="{height - bottom - bh - 3:.1f}">{values[i]:,.0f}</text>')
+        lines = "".join(f'<tspan x="{x + group / 2:.1f}" dy="{0 if k == 0 else 12}">{line}</tspan>'
+                        for k, line in enumerate(label.split("\n")))  # a label may take several lines
+        parts.append(f'<text y="{height - bottom + 14}" text-anchor="middle">{lines}</text>')
     parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - 20}" y2="{height - bottom}" '
                  f'stroke="#333"/></svg>')
     return "".join(parts)
