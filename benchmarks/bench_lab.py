@@ -338,8 +338,9 @@ def run_lab(key: str, spec: LabSpec, args, model: Path, tmp: Path, bin_dir: Path
             workload = with_overrides(prof.workload, objective=opts["objective"])
             log(f"{spec.name}: compiling the {name} plan ({weights})")
             try:
+                # no EOS: every request makes exactly --tokens tokens, as llama.cpp's ignore_eos
                 compile_model(model, prof, build, quiet=True, weights=weights, workload=workload,
-                              split=opts.get("split"))
+                              split=opts.get("split"), eos_token_ids=())
             except LlcError as e:
                 log(f"  {name}: {e}")
                 out["plans"][name] = {"error": e.message.splitlines()[0]}
