@@ -11,7 +11,7 @@ limits, tbf rates, a user-space link latency), one after the other:
   200 Mbit) and SmolLM2 in fp32 (540 MB of weights): no phone holds it alone;
 - ``3fp32`` (not in the default run): the 3-phone lab with fp32 weights.
 
-every link 5 ms one way (``--latency``), it runs `llc profile`, then compiles
+each phone's link 5 ms one way (``--latency``; 10 ms phone to phone), it runs `llc profile`, then compiles
 SmolLM2 with each plan, deploys it over adb and measures it on the same prompts:
 
 - ``latency``: the MIP, latency objective; ``throughput``: the MIP, throughput
@@ -35,9 +35,11 @@ picture (lab.svg) and, per lab and plan of several stages, a one-step timeline
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +55,7 @@ import yaml
 from llc.bundle import schema
 from llc.compiler import compile_model, with_overrides
 from llc.errors import LlcError
-from llc.lab.phones import Lab, PhoneSpec
+from llc.lab.phones import Lab, PhoneSpec, pids_of_cgroup
 from llc.profile import load_profile
 from llc.runtime.coordinator import load_tokenizer
 from llc.runtime.device import document
@@ -133,7 +135,7 @@ def stage_rows(run: dict, plan: schema.PlanDoc) -> list[dict]:
         p = planned[s["device"]]
         rows.append({"device": s["device"], "layers": f"{p.labels[0]}..{p.labels[-1]}",
                      "decode_predicted_ms": p.compute_ms_decode, "decode_measured_ms": s["ms_per_decode_step_median"],
-                     "prefill_predicted_ms": p.compute_ms_prefill, "prefill_measured_ms": s["ms_per_prefill"],
+                     "prefill_predicted_ms": p.compute_ms_prefill, "prefill_measured_ms": s["ms_per_prefill_median"],
                      "memory_predicted_mb": s["predicted_memory_mb"], "peak_rss_mb": s["peak_rss_mb"]})
     return rows
 
@@ -234,9 +236,11 @@ def run_llama(lab: Lab, best: str, others: list[str], bin_dir: Path, tokens: int
             time.sleep(1)
         return measure_llama(phones[best].address, tokens, concurrency)
     finally:
-        for name in [best] + others:
-            lab.adb("shell", "pkill -f llama-server; pkill -f ggml-rpc-server", serial=phones[name].serial,
-                    check=False)
+        for name in [best] + others:  # the phone's own processes (no pid namespace: not by name host-wide)
+            for pid in pids_of_cgroup(Path(phones[name].cgroup)):
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() in ("llama-server", "ggml-rpc-server"):
+                        os.kill(pid, signal.SIGKILL)
         for p in procs:
             p.kill()
             p.wait()

@@ -156,6 +156,7 @@ CONNECT = (  # median TCP connect time (one round trip) in ms from this phone to
 )
 
 
+@pytest.mark.alone  # absolute round trips: another suite's load would stretch them
 def test_link_latency(lab):
     """Each phone's link delays its packets both ways: host to phone is 2x its latency per round trip,
     phone to phone 2x the sum of both (1 ms and 4 ms here); the profile says so too."""
@@ -172,7 +173,7 @@ def test_link_latency(lab):
                             serial=fast.serial).stdout.split()[-1])
     to_fast, to_slow = rtt_from_host(fast), rtt_from_host(slow)
     print(f"round trips: host-phone1 {to_fast:.2f} ms, host-phone2 {to_slow:.2f} ms, phone1-phone2 {between:.2f} ms")
-    assert 2.0 <= to_fast <= 4.0 and 8.0 <= to_slow <= 11.0 and 10.0 <= between <= 14.0
+    assert 2.0 <= to_fast <= 5.0 and 8.0 <= to_slow <= 12.0 and 10.0 <= between <= 15.0
     assert all(r["delay"] == "running" for r in lab.status())
     link = yaml.safe_load((lab.state_dir / "devices.yaml").read_text())["network"]["links"][0]
     assert link["latency_ms"] == pytest.approx(5.2)

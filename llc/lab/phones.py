@@ -160,7 +160,7 @@ def _run(args: list[str], timeout: float = 30, check: bool = True, **kw) -> subp
     return proc
 
 
-def _pids_of_cgroup(cgroup: Path) -> set[int]:
+def pids_of_cgroup(cgroup: Path) -> set[int]:
     """Processes in a cgroup and all of its descendants."""
     pids: set[int] = set()
     for folder in [cgroup, *(p for p in cgroup.rglob("*") if p.is_dir())] if cgroup.is_dir() else []:
@@ -582,7 +582,7 @@ class Lab:
         pids = {p.pid for p in self.phones if _alive(p.pid)}
         for n in mine:
             pids |= _pids_of_netns(n)
-        pids |= _pids_of_cgroup(self.cgroup) | _pids_of_cgroup(self.cpuset) | _pids_of_cgroup(self.memcg)
+        pids |= pids_of_cgroup(self.cgroup) | pids_of_cgroup(self.cpuset) | pids_of_cgroup(self.memcg)
         pids.discard(os.getpid())
         _kill_all(pids)
 
@@ -654,7 +654,7 @@ def _preflight_latency() -> None:
 
 def parse_latency(value: str) -> float:
     """'5ms', '5' or '0.5ms' -> milliseconds."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms)?\s*", value.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms)?\s*", value.lower())
     if not m:
         raise click.BadParameter(f"give milliseconds like 5ms, got {value!r}", param_hint="--latency")
     return float(m.group(1))

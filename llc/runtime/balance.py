@@ -181,9 +181,13 @@ class Balancer:
         job = Replan(f"{off} ran {how} than the plan assumed, relative to the others ({ms[off]:.1f} ms/step)",
                      rel, ms, self.root / "balance" / str(len(self.moves) + 1), off, rel[off] > 1)
 
+        # As many stages as now: the move shifts layers between the devices that run; the judgement below
+        # (the slowest stage, or every stage added up) is the one the plan made with that many stages.
+        stages = len(self.predicted)
+
         def work() -> None:
             try:
-                job.out = replan(self.build, job.out, scale)
+                job.out = replan(self.build, job.out, scale, stages)
             except LlcError as e:
                 job.error = e.message
             job.seconds = time.monotonic() - job.t0

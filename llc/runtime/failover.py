@@ -53,13 +53,14 @@ class Failover:
                 f"in {self.replan_s:.1f} s, resumed {self.resumed} request(s){lost}")
 
 
-def replan(build_dir: Path, out: Path, edit: Callable[[dict], None]) -> Path:
+def replan(build_dir: Path, out: Path, edit: Callable[[dict], None], stages: int | None = None) -> Path:
     """Compile the build's model again into ``out``, for its profile as ``edit`` changes it.
 
     Same model, options and workload; the changed profile is written beside the
     new build (``out.yaml``). Exactly N stages becomes at most the devices left;
-    a file split names devices, so it becomes the MIP's. LlcError from the compiler
-    (the model does not fit, say) passes through.
+    ``stages`` asks for exactly that many instead. A file split names devices, so
+    it becomes the MIP's. LlcError from the compiler (the model does not fit,
+    say) passes through.
     """
     from llc.compiler import compile_model
 
@@ -80,6 +81,8 @@ def replan(build_dir: Path, out: Path, edit: Callable[[dict], None]) -> Path:
     workload = Workload(**json.loads(options["workload"]))
     if workload.stages is not None and workload.stages > n:
         workload = replace(workload, stages=n)
+    if stages is not None:
+        workload = replace(workload, stages=min(stages, n))
     compile_model(Path(plan.model.path), load_profile(profile_path), out, workload=workload,
                   simplify=options.get("simplify") == "True", granularity=options.get("granularity", "layer"),
                   split=options.get("split") if options.get("split") in ("even", "memory") else None,

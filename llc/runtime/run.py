@@ -57,9 +57,11 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return lines
 
 
-def _median_decode_ms(stage: StageStats, since: float) -> float | None:
-    """Median ms of the decode steps (step >= 1) this run made: robust to a hiccup of the host."""
-    ms = sorted((e[3] - e[2]) * 1000 for e in stage.events if e[1] >= 1 and e[2] >= since and e[4] == 0)
+def _median_ms(stage: StageStats, since: float, prefill: bool = False) -> float | None:
+    """Median ms of the decode steps (step >= 1), or of the prefills, this run made: robust to a
+    hiccup of the host."""
+    ms = sorted((e[3] - e[2]) * 1000 for e in stage.events
+                if (e[1] == 0 if prefill else e[1] >= 1) and e[2] >= since and e[4] == 0)
     return ms[len(ms) // 2] if ms else None
 
 
@@ -89,9 +91,9 @@ def summarize(results: list[RequestResult], stages: list[StageStats], wall_s: fl
             {"device": s.device, "stage": s.stage, "prefill_ms": s.prefill_ms, "prefill_steps": s.prefill_steps,
              "decode_ms": s.decode_ms, "decode_steps": s.decode_steps, "ms_per_decode_step": s.ms_per_decode_step,
              "decode_rows": s.decode_rows, "mean_batch": s.mean_batch,
-             "ms_per_decode_step_median": _median_decode_ms(s, since),
+             "ms_per_decode_step_median": _median_ms(s, since),
              "predicted_ms_per_decode_step": planned[s.device].compute_ms_decode if s.device in planned else None,
-             "ms_per_prefill": s.prefill_ms / s.prefill_steps if s.prefill_steps else None,
+             "ms_per_prefill_median": _median_ms(s, since, prefill=True),
              # at the workload's prompt_tokens: compare with prompts of about that length
              "predicted_ms_per_prefill": planned[s.device].compute_ms_prefill if s.device in planned else None,
              "rss_mb": s.rss_bytes / MIB, "peak_rss_mb": s.peak_rss_bytes / MIB,

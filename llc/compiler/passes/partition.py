@@ -359,9 +359,11 @@ def most_tokens(t: CostTables, first: Split, requests: int, max_batch: int, time
     the unconstrained bottleneck plan (which wins ties).
     """
     candidates = [first]
-    for k in range(1, min(len(t.devices), len(t.mem)) + 1):
-        for objective in ("latency", "throughput"):
-            split, _, _ = solve(replace(t, stages=k, objective=objective), time_limit)
+    counts = range(1, min(len(t.devices), len(t.mem)) + 1)
+    each = time_limit / (2 * len(counts))  # the whole search within the pass's time limit
+    for k in counts:
+        for objective in ("latency", "throughput") if k > 1 else ("latency",):  # one stage: the same plan
+            split, _, _ = solve(replace(t, stages=k, objective=objective), each)
             if split is not None:
                 candidates.append(split)
     return max(candidates, key=lambda s: batched_tokens_per_s(t, s, requests, max_batch)[0])
