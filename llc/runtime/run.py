@@ -66,7 +66,7 @@ def _median_ms(stage: StageStats, since: float, prefill: bool = False) -> float 
 
 
 def summarize(results: list[RequestResult], stages: list[StageStats], wall_s: float, since: float,
-             plan: schema.PlanDoc | None = None) -> dict:
+              plan: schema.PlanDoc | None = None) -> dict:
     """Timings in one dict: printed as text, written as JSON (``since``: the run's start, device clock).
 
     Each stage carries the plan's prediction next to what its device measured

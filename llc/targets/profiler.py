@@ -12,8 +12,8 @@ Per device (over adb, or as a process here for `target: local`):
     decode (1 token over a 256-token cache, one run at a time with a 10 ms
     pause after each, as a pipeline stage runs its steps) and prefill (64
     tokens, with the same pause: a stage's prefill follows an idle wait too;
-    back to back, a 0.25-core phone measured 0.17 of a full one). `gflops` is the decode rate, because per-token
-    decode is what the plan's latency
+    back to back, a 0.25-core phone measured 0.17 of a full one). `gflops`
+    is the decode rate, because per-token decode is what the plan's latency
     (and, with several requests, throughput) is made of; prefill is reported
     in the file's comments. Weights are fed as inputs filled on the device, so
     the pushed model is a few KB.
