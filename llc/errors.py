@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import click
+
 REPORT = ("this is a bug in llc, not in your input: please report it with the command you ran, "
           "`llc --version` and the traceback that LLC_DEBUG=1 prints")
 
@@ -77,6 +79,8 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except click.UsageError:  # a bad option value found in the command's body: click's usage error, exit 2
+            raise
         except LlcError as e:
             print(f"llc: {'error: ' if e.exit_code == 2 else ''}{e}", file=sys.stderr, flush=True)
             for line in getattr(e, "details", ()):

@@ -163,3 +163,12 @@ def test_a_bug_in_a_pass_names_the_pass_and_what_to_report(tmp_path, model, prof
     assert line.startswith("llc: internal error: in pass coarsen (after load, simplify, quantize, past-length, "
                            "annotate-cost): ValueError: boom; this is a bug in llc"), line
     assert "LLC_DEBUG=1" in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--latency", "abc"), ("--memory", "lots"), ("--cpu", "1,1,1")])
+def test_bad_lab_option_is_a_usage_error(tmp_path, option, value):
+    """A bad value for `llc lab up` is click's usage error (exit 2, the option named), before anything is made."""
+    r = llc("lab", "up", "--phones", "2", option, value, "--state-dir", str(tmp_path / "lab"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert option in r.stderr and "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert not (tmp_path / "lab").exists()
