@@ -108,7 +108,18 @@ def lab_up(state_dir: Path, specs, *, name: str, subnet: str, adb_port: int):
     if os.geteuid() != 0:
         pytest.fail("the phone lab tests need root (namespaces, tc, cgroups)")
     with open(LAB_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if this process dies
+        # Released when the file closes, even if this process dies. Never wait for it holding the machine
+        # lock: another session's lab test may hold the lab lock and wait for the machine lock (deadlock,
+        # seen with two suites at once). So the lab lock comes first, the machine lock after it.
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = _held[-1] if _held else None
+            if held is not None:
+                fcntl.flock(held[0], fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if held is not None:
+                fcntl.flock(held[0], held[1])
         the_lab = Lab(state_dir, adb_port=adb_port, name=name, subnet=subnet)
         try:
             the_lab.down()  # sweep whatever a crashed earlier run left
