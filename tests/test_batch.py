@@ -44,6 +44,7 @@ def test_batched_tokens_equal_one_at_a_time(tmp_path, name, stages):
     batched, alone = build_pair(tmp_path, name, stages)
     head = schema.read_manifest(batched / "devices" / "dev0" / "manifest.json")
     assert head.max_batch == 4 and head.batch_padding == ("right" if "genai" in name else "left")
+    assert head.kv_in_place == ("genai" in name)  # GroupQueryAttention writes its caches in place
     assert schema.read_manifest(alone / "devices" / "dev0" / "manifest.json").max_batch == 1
     for params in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.9, seed=7)):
         runner = SplitRunner(batched, threads=1)

@@ -354,7 +354,7 @@ def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, r
     target.start(build, devices(build))
 
     def tensors(rid, step, name=tail_input.name, dtype="float32", shape=(1, 1, 64), buf=None, **fields):
-        header = {"type": "tensors", "rids": [rid], "steps": [step], "width": 0, "from": head, **fields,
+        header = {"type": "tensors", "rids": [rid], "steps": [step], "width": 0, "tokens": 1, "from": head, **fields,
                   "tensors": [{"name": name, "dtype": dtype, "shape": list(shape)}]}
         return [json.dumps(header).encode(), buf if buf is not None else np.zeros(shape, np.float32).tobytes()]
 

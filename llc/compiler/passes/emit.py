@@ -98,6 +98,7 @@ class Emit:
         producer = {e.tensor: e.producer_stage for e in state.comm}
         vocab = vocab_size(state)
         max_batch, padding = batching(state)
+        in_place = kv_in_place(state)
         if max_batch == 1 and min(state.workload.max_batch or 2, state.workload.requests_in_flight) > 1:
             state.notes.append("decode steps run one request at a time: the model has no position_ids input, "
                                "or mixes GroupQueryAttention with other caches, or a fixed batch size")
@@ -161,7 +162,7 @@ class Emit:
                 logits=sig.logits if tail else None,
                 eos_token_ids=tuple(self.eos_token_ids) if tail else (),
                 head=devices[0] if tail and s.index else None,
-                max_batch=max_batch, batch_padding=padding,
+                max_batch=max_batch, batch_padding=padding, kv_in_place=in_place,
             )
             schema.write_manifest(folder / "manifest.json", manifest.check(s.device))
 
@@ -255,6 +256,22 @@ def batching(state: CompileState) -> tuple[int, str | None]:
     if "GroupQueryAttention" not in ops and "position_ids" in sig.input_roles.values() and batch_free:
         return want, "left"
     return 1, None
+
+
+def kv_in_place(state: CompileState) -> bool:
+    """Whether every cache is a GroupQueryAttention's own past and present.
+
+    Then a device binds one buffer of max_context tokens as both, and the op
+    writes each step's keys and values into it (onnxruntime's
+    past_present_share_buffer, what onnxruntime-genai does): no step copies the
+    cache, which a Concat-grown cache costs twice per step (into the present,
+    then out to numpy).
+    """
+    pairs = {(b.past, b.present) for b in state.signature.kv}
+    fused = {(node.input[3 + k], node.output[1 + k]) for node in state.model.graph.node
+             if node.op_type == "GroupQueryAttention" and len(node.input) > 4 and len(node.output) > 2
+             for k in (0, 1)}
+    return bool(pairs) and pairs <= fused
 
 
 def batched(state: CompileState, max_batch: int) -> tuple[float | None, int]:

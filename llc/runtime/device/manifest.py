@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import document
 
-FORMAT = 4  # 4: stats polls (`poll`), which an older runtime refuses
+FORMAT = 5  # 5: tensors messages carry `tokens`, which an older runtime refuses
 ROLES = ("input_ids", "attention_mask", "position_ids")
 PADDINGS = ("left", "right")
 SOURCES = ("graph", "kv", "stage")
@@ -102,6 +102,7 @@ class Manifest:
     head: str | None = None  # tail (unless it is the head): the peer tokens go back to
     max_batch: int = 1  # decode steps run as one batch (see stage.py)
     batch_padding: str | None = None  # where a batch pads shorter caches: left (Concat) or right (GQA)
+    kv_in_place: bool = False  # every cache is GroupQueryAttention's: one max_context buffer, written in place
 
     @property
     def is_head(self) -> bool:

@@ -46,9 +46,10 @@ FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     # rid: request id; prompt: token ids; params: SamplingParams as a dict
     REQUEST: {"rid": ((int,), True), "prompt": ((list,), True), "params": ((dict,), True)},
     # inputs of one step of a batch for a later stage: row b is request rids[b] at steps[b]; width: the
-    # batch's padded past length; a prefill (one row, step 0) carries params so the tail learns them
-    TENSORS: {"rids": ((list,), True), "steps": ((list,), True), "width": ((int,), True), "from": ((str,), True),
-              "params": ((dict,), False)},
+    # batch's padded past length; tokens: new tokens per row; a prefill (one row, step 0) carries params
+    # so the tail learns them
+    TENSORS: {"rids": ((list,), True), "steps": ((list,), True), "width": ((int,), True), "tokens": ((int,), True),
+              "from": ((str,), True), "params": ((dict,), False)},
     # step k carries generated token k+1; done: EOS or max_new_tokens
     TOKEN: {"rid": ((int,), True), "step": ((int,), True), "token": ((int,), True), "done": ((bool,), True)},
     # free the request's state; forward: pass it on to the devices in this one's sends

@@ -25,6 +25,13 @@ width with its tensors, pads its own caches the same way, runs the same rows,
 and keeps each row's cache without the padding. Each row's numbers are the ones
 it gets alone; only the float summation order may differ.
 
+Caches in place. When every cache is a GroupQueryAttention's (``kv_in_place``),
+a request's cache is one buffer of ``max_context`` tokens per input, bound
+(onnxruntime IO binding) as both the past and the present: the op writes each
+step's keys and values after the row's ``seqlens_k`` and nothing is copied. A
+batch still pads and stacks copies of the rows' caches, and each row's new
+entries are written back into its buffer.
+
 Limits keep a confused or hostile peer from growing this state: at most
 ``max_requests`` (+ one per stage, for ends still on their way) requests and as
 many waiting batches, inputs at most one step ahead, and requests idle for
@@ -67,7 +74,8 @@ class Request:
     rid: int
     params: SamplingParams | None = None
     step: int = 0  # the next step to run
-    kv: dict[str, np.ndarray] = field(default_factory=dict)  # input name -> cache so far
+    kv: dict[str, np.ndarray] = field(default_factory=dict)  # input name -> cache so far (in place: its buffer)
+    binding: ort.IOBinding | None = None  # in place: the buffers bound as past and present
     past: int = 0  # tokens in this device's cache (the head counts them whether or not it holds a cache)
     busy: bool = False
     queued: bool = False  # head: waiting in the ready queue
@@ -82,6 +90,7 @@ class Unit:
 
     rows: tuple[Row, ...]
     width: int  # the batch's padded past length (see the module docstring)
+    tokens: int  # new tokens per row
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     queued: bool = False
 
@@ -95,7 +104,9 @@ class Job:
     built: dict[str, np.ndarray]  # graph inputs the head made (some are only sent on)
     width: int = 0  # the batch's padded past length
     pads: tuple[int, ...] = (0,)  # per row: padding positions in its cache
-    tokens: int = 0  # new tokens per row (the head knows; a later stage reads it off its presents)
+    tokens: int = 1  # new tokens per row
+    binding: ort.IOBinding | None = None  # in place (one row): its request's binding, inputs bound
+    cache: dict[str, np.ndarray] = field(default_factory=dict)  # in place (one row): its request's buffers
 
     @property
     def padded(self) -> bool:
@@ -138,6 +149,7 @@ class Stage:
         self.clock = clock
         self.kv_inputs = [i for i in m.inputs if i.source == "kv"]
         self.right = m.batch_padding == "right"  # GroupQueryAttention: shorter caches padded after
+        self.in_place = m.kv_in_place and bool(self.kv_inputs)
         self.graph_inputs = [(g.name, g.role, np.dtype(g.dtype)) for g in m.graph_inputs] if m.is_head else []
         # what must arrive over the network before a step can run
         self.awaited = {i.name for i in m.inputs if i.source == "stage"}
@@ -153,6 +165,8 @@ class Stage:
             raise ValueError(f"manifest inputs differ from {m.segment}'s")
         sent = [t for s in m.sends for t in s.tensors if t in have]
         self.output_names = list(dict.fromkeys(want + sent))
+        presents = {i.present for i in self.kv_inputs}
+        self.computed = [n for n in self.output_names if n not in presents]  # in place: what onnxruntime allocates
         self.dtypes = {i.name: np.dtype(i.dtype) for i in m.inputs}
         self.requests: dict[int, Request] = {}
         self.units: dict[tuple[Row, ...], Unit] = {}  # not the head: batches whose inputs are arriving
@@ -265,9 +279,10 @@ class Stage:
                 req = self.requests.get(rid) or self._new_request(rid, step)
                 if not req.step <= step <= req.step + MAX_STEPS_AHEAD:
                     raise RequestError(f"tensors for step {step} while request {rid} is at step {req.step}")
-            unit = self.units[rows] = Unit(rows, msg["width"])
-        elif unit.width != msg["width"]:
-            raise RequestError(f"width {msg['width']} for a batch sent with width {unit.width}")
+            unit = self.units[rows] = Unit(rows, msg["width"], msg["tokens"])
+        elif (unit.width, unit.tokens) != (msg["width"], msg["tokens"]):
+            raise RequestError(f"width {msg['width']} and {msg['tokens']} tokens for a batch sent with "
+                               f"width {unit.width} and {unit.tokens} tokens")
         for rid, _ in live:
             req = self.requests[rid]
             req.params = req.params or params
@@ -277,7 +292,7 @@ class Stage:
 
     def _rows(self, msg: Message) -> tuple[Row, ...]:
         """The (rid, step) rows a tensors message is for, checked."""
-        rids, steps, width = msg["rids"], msg["steps"], msg["width"]
+        rids, steps, width, tokens = msg["rids"], msg["steps"], msg["width"], msg["tokens"]
         ints = all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in rids + steps)
         if not ints or len(rids) != len(steps) or not 1 <= len(rids) <= self.m.max_batch:
             raise protocol.ProtocolError(f"rids and steps must be 1..{self.m.max_batch} request ids and steps")
@@ -287,6 +302,8 @@ class Stage:
             raise protocol.ProtocolError("a prefill is never batched")
         if width < 0 or width > self.m.max_context:
             raise protocol.ProtocolError(f"width {width} outside 0..{self.m.max_context}")
+        if not 1 <= tokens <= self.m.max_context - width:
+            raise protocol.ProtocolError(f"{tokens} new tokens on a width of {width} (max context {self.m.max_context})")
         return tuple(zip(rids, steps))
 
     def _on_token(self, rid: int, token: int, done: bool) -> None:
@@ -424,10 +441,10 @@ class Stage:
         for r in batch:
             r.queued, r.busy, r.next_ids = False, True, None
         job = Job(tuple((r.rid, r.step) for r in batch), {}, built, width, tuple(width - r.past for r in batch), n)
-        job.feeds.update(self._kv_feeds(batch, job))
         for i in self.m.inputs:
             if i.source == "graph":
                 job.feeds[i.name] = built[i.name]
+        self._caches(batch, job)
         return job
 
     def _unit_job(self, key: tuple[Row, ...]) -> Job | None:
@@ -453,29 +470,55 @@ class Stage:
         for r in batch:
             if r is not None:
                 r.busy = True
-        job = Job(unit.rows, dict(unit.tensors), {}, unit.width, pads)
-        job.feeds.update(self._kv_feeds(batch, job))
+        job = Job(unit.rows, dict(unit.tensors), {}, unit.width, pads, unit.tokens)
+        self._caches(batch, job)
         return job
 
-    def _kv_feeds(self, batch: list[Request | None], job: Job) -> dict[str, np.ndarray]:
-        """Each KV input: the requests' caches, padded to the batch's width and stacked."""
-        feeds = {}
+    def _caches(self, batch: list[Request | None], job: Job) -> None:
+        """Each KV input into the job: one row in place is bound (with the job's other inputs);
+        otherwise the requests' caches, padded to the batch's width and stacked."""
+        if self.in_place and not job.padded:
+            job.binding, job.cache = self._bind(batch[0], job.feeds), batch[0].kv
+            return
         for i in self.kv_inputs:
             if job.step == 0:
-                feeds[i.name] = empty_cache(i)
-            elif not job.padded:
-                feeds[i.name] = batch[0].kv[i.name]
-            else:
-                feeds[i.name] = pad_stack([r.kv[i.name] if r else empty_cache(i) for r in batch], i.seq_axis,
-                                          job.width, job.pads, self.right)
-        return feeds
+                job.feeds[i.name] = empty_cache(i)
+                continue
+            caches = [(along(r.kv[i.name], i.seq_axis, 0, r.past) if self.in_place else r.kv[i.name])
+                      if r else empty_cache(i) for r in batch]
+            job.feeds[i.name] = pad_stack(caches, i.seq_axis, job.width, job.pads, self.right) if job.padded \
+                else caches[0]
+
+    def _bind(self, req: Request, feeds: dict[str, np.ndarray]) -> ort.IOBinding:
+        """The request's binding, made (with its buffers) at its first step, and this step's inputs bound."""
+        b = req.binding
+        if b is None:
+            b = req.binding = self.session.io_binding()
+            for name in self.computed:  # first, so that get_outputs() lists them in this order
+                b.bind_output(name)
+            for i in self.kv_inputs:
+                shape = [self.m.max_context if a == i.seq_axis else d for a, d in enumerate(empty_cache(i).shape)]
+                buffer = req.kv[i.name] = np.zeros(shape, np.dtype(i.dtype))  # pages come as tokens fill them
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the buffer's memory
+                b.bind_ortvalue_input(i.name, value)
+                b.bind_ortvalue_output(i.present, value)
+        for name, value in feeds.items():
+            b.bind_cpu_input(name, value)
+        for name in self.computed:  # fresh outputs: the last step's arrays may still be in use
+            b.bind_output(name)
+        return b
 
     def run(self, job: Job) -> StepResult:
         """Run the segment (onnxruntime releases the GIL: safe in a worker thread)."""
         t0 = time.perf_counter()
         try:
-            outs = self.session.run(self.output_names, job.feeds)
-            outputs, error = dict(zip(self.output_names, outs)), None
+            if job.binding is None:
+                outputs = dict(zip(self.output_names, self.session.run(self.output_names, job.feeds)))
+            else:
+                self.session.run_with_iobinding(job.binding)
+                values = job.binding.get_outputs_as_ortvaluevector()  # (get_outputs wraps the caches too: slow)
+                outputs = {n: values[k].numpy() for k, n in enumerate(self.computed)}
+            error = None
             n = len(job.rows)  # a peer's tensors of another batch size or no tokens must not get further
             logits = outputs[self.m.logits] if self.m.is_tail else None
             if (logits is not None and (logits.ndim < 2 or logits.shape[0] != n or logits.shape[1] < 1)) or (
@@ -503,6 +546,9 @@ class Stage:
             return  # every request of it ended while it ran: later stages got their ends
         outputs = result.outputs
         if self.on_outputs is not None:
+            if job.binding is not None:  # each present as a copying op returns it (a view of the buffer)
+                outputs.update({i.present: along(job.cache[i.name], i.seq_axis, 0, job.width + job.tokens)
+                                for i in self.kv_inputs})
             self.on_outputs(job, outputs)
         kind = "prefill" if job.step == 0 else "decode"
         self.compute_ms[kind] += result.ms
@@ -512,17 +558,22 @@ class Stage:
         for slot, (rid, step) in enumerate(job.rows):
             self.events.append((rid, step, end - result.ms / 1000.0, end, slot, len(job.rows)))
         for i, req in rows:
-            for k in self.kv_inputs:
+            for k in self.kv_inputs if job.binding is None else ():  # (bound: written in place already)
                 present = outputs[k.present]
-                req.kv[k.name] = unpad(present, i, k.seq_axis, job.pads[i], self.right) if job.padded else present
-            req.past += job.tokens or (present_tokens(job, outputs, self.kv_inputs) if self.kv_inputs else 0)
+                row = unpad(present, i, k.seq_axis, job.pads[i], self.right) if job.padded else present
+                if self.in_place:  # the row's new entries into its buffer
+                    new = slice(req.past, req.past + job.tokens)
+                    req.kv[k.name][along_index(row.ndim, k.seq_axis, new)] = row[along_index(row.ndim, k.seq_axis, new)]
+                else:
+                    req.kv[k.name] = row
+            req.past += job.tokens
         produced = {**job.feeds, **job.built, **outputs}
         first = rows[0][1]
         extra = {"params": first.params.to_dict()} if job.step == 0 and first.params else {}
         for s in self.m.sends:
             self._send(s.to, protocol.pack(TENSORS, [(t, produced[t]) for t in s.tensors],
                                            rids=[r for r, _ in job.rows], steps=[k for _, k in job.rows],
-                                           width=job.width, **{"from": self.name}, **extra))
+                                           width=job.width, tokens=job.tokens, **{"from": self.name}, **extra))
         for i, req in rows:
             req.step += 1
             req.touched = self.clock()
@@ -610,7 +661,11 @@ def unpad(present: np.ndarray, row: int, axis: int, pad: int, right: bool) -> np
     return present[tuple(index)]
 
 
-def present_tokens(job: Job, outputs: dict[str, np.ndarray], kv_inputs: list[Input]) -> int:
-    """Tokens a step added to each row's cache: the present's length less the batch's width."""
-    k = kv_inputs[0]
-    return outputs[k.present].shape[k.seq_axis] - job.width
+def along_index(ndim: int, axis: int, index: slice) -> tuple:
+    """``index`` on ``axis``, everything on the other axes."""
+    return tuple(index if a == axis else slice(None) for a in range(ndim))
+
+
+def along(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    """Positions start..stop of ``a`` on ``axis`` (a view)."""
+    return a[along_index(a.ndim, axis, slice(start, stop))]
