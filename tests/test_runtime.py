@@ -149,6 +149,23 @@ def test_sample_function():
             S.parse(bad)
 
 
+def test_tensors_cross_the_wire_exactly():
+    """Every wire dtype, a transposed (non-contiguous) and a big-endian array arrive equal, little-endian;
+    a dtype the protocol does not carry is refused on arrival."""
+    from llc.runtime.device import protocol
+
+    arrays = [(d, np.arange(6).astype(d).reshape(2, 3)) for d in sorted(protocol.DTYPES)]
+    arrays += [("transposed", np.arange(6, dtype=np.float32).reshape(2, 3).T),
+               ("big-endian", np.arange(6, dtype=">i8").reshape(3, 2)), ("scalar", np.array(7, np.int32))]
+    fields = {"rids": [1], "steps": [3], "width": 2, "tokens": 1, "from": "dev0"}
+    got = protocol.unpack(protocol.pack(protocol.TENSORS, arrays, **fields)).tensors
+    for name, a in arrays:
+        assert got[name].dtype.byteorder in "=<|" and got[name].dtype.name == a.dtype.name
+        np.testing.assert_array_equal(got[name], a)
+    with pytest.raises(protocol.ProtocolError, match="complex64"):
+        protocol.unpack(protocol.pack(protocol.TENSORS, [("c", np.zeros(2, np.complex64))], **fields))
+
+
 def test_device_runtime_is_self_contained():
     """The device modules import nothing of llc (they run on phones without it) and only each other."""
     import llc.runtime.device as device

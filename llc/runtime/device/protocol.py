@@ -30,6 +30,8 @@ COORDINATOR = "coordinator"  # the destination name of messages for whoever said
 MAX_HEADER_BYTES = 1 << 20
 MAX_RANK = 8
 DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"})
+_WIRE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # name -> little-endian dtype
+_NAMES = {dtype: name for name, dtype in _WIRE.items()}  # (a dtype's .name is slow: every tensor, every step)
 
 _NUM = (int, float)
 # type -> {field: (accepted types, required)}; replies share the request's type name
@@ -80,9 +82,12 @@ def pack(kind: str, tensors: list[tuple[str, np.ndarray]] | None = None, **field
     _check_fields(kind, fields)
     metas, buffers = [], []
     for name, array in tensors or ():
-        a = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        metas.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape)})
-        buffers.append(a.tobytes())
+        dtype = _NAMES.get(array.dtype)
+        if dtype is None:  # big-endian, or not a wire dtype (unpack refuses those)
+            array = array.astype(array.dtype.newbyteorder("<"))
+            dtype = _NAMES.get(array.dtype, array.dtype.name)
+        metas.append({"name": name, "dtype": dtype, "shape": list(array.shape)})
+        buffers.append(array.tobytes())  # C order, whatever the array's layout
     header = {"type": kind, **fields}
     if metas:
         header["tensors"] = metas
@@ -144,4 +149,4 @@ def _check_meta(meta: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     if (not isinstance(shape, list) or len(shape) > MAX_RANK
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
         raise ProtocolError(f"tensor {name}: bad shape {shape!r:.60}")
-    return name, np.dtype(dtype).newbyteorder("<"), tuple(shape)
+    return name, _WIRE[dtype], tuple(shape)
