@@ -12,7 +12,7 @@ from llc.compiler.passes.past_length import PastLength
 from llc.compiler.pipeline import PassManager
 from llc.compiler.state import consumers
 from llc.profile import Workload
-from test_pass_graphs import HIDDEN, SHAPE_READS, tiny_decoder
+from test_pass_graphs import HIDDEN, SHAPE_READS, VOCAB, tiny_decoder
 
 F32 = 4
 WL = Workload(prompt_tokens=6, max_context=32)
@@ -75,3 +75,22 @@ def test_no_cut_between_a_caches_readers(tmp_path, shape_read, granularity):
     # the same model after past-length can be cut between the layers again
     assert len(coarsen(tiny_decoder(tmp_path, "b.onnx", shape_read=shape_read),
                        granularity=granularity).blocks) > len(state.blocks)
+
+
+def test_resident_memory_maps_lookup_tables_and_counts_the_packed_copy(tmp_path):
+    """An embedding table only looked up by row is charged a page per row a run can touch, never more
+    than its size; the head's MatMul weight is a transient (its packed copy at load); a tied table
+    that the head also reads is held whole there."""
+    from llc.compiler.costmodel import PAGE, resident_weights
+    from llc.compiler.state import Block
+
+    state = coarsen(tiny_decoder(tmp_path))
+    embed, head = state.blocks[0], state.blocks[-1]
+    assert embed.lookups == {"embed": HIDDEN * F32} and head.lookups == {}
+    assert head.packed_bytes == HIDDEN * VOCAB * F32 and embed.packed_bytes == 0
+    assert resident_weights(embed, WL) == embed.weights  # 16 rows of 32 bytes: smaller than one page a row
+    table = Block(0, "embed", "embed", [], weights={"t": 50_000 * 2304, "w": 7}, lookups={"t": 2304})
+    assert resident_weights(table, Workload(max_context=256)) == {"t": 256 * PAGE, "w": 7}
+    assert resident_weights(table, Workload(max_context=4096, requests_in_flight=8)) == {"t": 50_000 * 2304, "w": 7}
+    tied = coarsen(tiny_decoder(tmp_path / "tied", tied=True))
+    assert tied.blocks[0].lookups == {"embed": HIDDEN * F32} and "embed" not in tied.blocks[-1].lookups

@@ -21,6 +21,7 @@ from llc.compiler.state import Block
 from llc.profile import Device, Profile, Workload
 
 MIB = 1 << 20
+PAGE = 4096
 TOKEN_BYTES = 8  # the sampled token id travelling back to the head
 EPS = 1e-3  # weight of latency in the throughput objective (a tie-breaker)
 TIE = 1e-7  # ms per device index: among equal plans prefer profile order
@@ -64,8 +65,28 @@ def decode_ms(b: Block, d: Device) -> float:
     return b.flops_decode / (d.gflops * 1e6)
 
 
+def resident_weights(b: Block, workload: Workload) -> dict[str, int]:
+    """The bytes of each weight a device keeps in memory while it runs.
+
+    onnxruntime maps a weight file into memory rather than reading it, so a
+    table only looked up by row (an embedding) takes a page for each row a run
+    touches, not its size: at most max_context x requests rows. (On the lab
+    SmolLM2's 113 MB fp32 embedding stayed out of the launcher's RSS.)
+    """
+    touched = workload.max_context * workload.requests_in_flight
+    return {w: min(n, touched * -(-b.lookups[w] // PAGE) * PAGE) if w in b.lookups else n
+            for w, n in b.weights.items()}
+
+
 def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> CostTables:
+    """The cost tables of these blocks on these devices.
+
+    A block's transient memory is the larger of its prefill activations and the
+    packed copy of its largest MatMul weight, which sits next to the original
+    while the session loads (the LM head: 113 MB more at load for SmolLM2 fp32).
+    """
     devs = profile.devices
+    resident = [resident_weights(b, workload) for b in blocks]
     overhead = workload.runtime_overhead_mb * MIB
     lat = tuple(tuple(profile.network.link(a.name, b.name).latency_ms for b in devs) for a in devs)
     mpb = tuple(tuple(0.0 if a.name == b.name else
@@ -77,8 +98,8 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
         t_decode=tuple(tuple(decode_ms(b, d) for d in devs) for b in blocks),
         t_prefill=tuple(tuple(b.flops_prefill / ((d.gflops_prefill or d.gflops) * 1e6) for d in devs)
                         for b in blocks),
-        mem=tuple(b.weight_bytes + b.kv_bytes * workload.requests_in_flight for b in blocks),
-        workspace=tuple(b.workspace_bytes for b in blocks),
+        mem=tuple(sum(r.values()) + b.kv_bytes * workload.requests_in_flight for b, r in zip(blocks, resident)),
+        workspace=tuple(max(b.workspace_bytes, b.packed_bytes) for b in blocks),
         cut_decode=tuple(b.cut_bytes_decode for b in blocks),
         cut_prefill=tuple(b.cut_bytes_prefill for b in blocks),
         capacity=tuple(d.memory_mb * MIB / workload.memory_safety - overhead for d in devs),
@@ -88,7 +109,7 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
         safety=workload.memory_safety,
         objective=workload.objective,
         stages=workload.stages,
-        weights=tuple(b.weights for b in blocks),
+        weights=tuple(resident),
         kv_mem=tuple(b.kv_bytes * workload.requests_in_flight for b in blocks),
         t_decode_read=tuple(tuple(b.read_bytes_decode / (d.memory_gbps * 1e6) if d.gflops_prefill and d.memory_gbps
                                   else 0.0 for d in devs) for b in blocks),

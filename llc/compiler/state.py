@@ -92,6 +92,8 @@ class Block:
     flops_decode: float = 0.0
     weight_bytes: int = 0
     weights: dict[str, int] = field(default_factory=dict)  # initializers it reads -> bytes (some shared)
+    lookups: dict[str, int] = field(default_factory=dict)  # those it only looks rows up in -> bytes per row
+    packed_bytes: int = 0  # its largest MatMul weight: onnxruntime packs a copy at load, then drops the original
     kv_bytes: int = 0  # one request, max context
     read_bytes_decode: int = 0  # weights and cache a decode step reads
     workspace_bytes: int = 0  # largest prefill activation, twice (in and out)

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from llc.errors import LlcError
+from llc.compiler.passes.annotate_cost import LOOKUPS
 from llc.compiler.state import Block, CompileState, TensorInfo, consumers, node_inputs, tensor_nbytes
 
 SHAPE_OPS = {"Shape", "Size"}
@@ -140,6 +141,17 @@ class Coarsen:
         return state
 
 
+PACKED = {"MatMul", "Gemm", "MatMulNBits", "FusedMatMul"}  # onnxruntime packs a constant B at load
+
+
+def looked_up(node: onnx.NodeProto) -> set[str]:
+    """The inputs a lookup reads rows of, by the token (an embedding table, its scales and zero points)."""
+    axis = next((a.i for a in node.attribute if a.name in ("axis", "gather_axis")), 0)
+    if node.op_type not in LOOKUPS or axis != 0 or node.op_type in ("GatherElements", "GatherND"):
+        return set()
+    return {node.input[0]} | ({*node.input[2:4]} - {""} if node.op_type == "GatherBlockQuantized" else set())
+
+
 def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block]:
     """Sum node costs per block and measure what crosses the cut after each block."""
     g = state.model.graph
@@ -163,8 +175,11 @@ def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block
             produced_in[inp.name] = 0
     pre, dec = state.shapes["prefill"], state.shapes["decode"]
     blocks = []
+    rows = {t.name: t.dims[0] for t in g.initializer if len(t.dims) > 1 and t.dims[0]}
     for b, (label, kind, nodes) in enumerate(groups):
         weights = {i for k in nodes for i in g.node[k].input if i in init_bytes}
+        tables = {w for k in nodes for w in looked_up(g.node[k])} & rows.keys()
+        tables -= {i for k in nodes for i in g.node[k].input if i not in looked_up(g.node[k])}
         crossing = sorted(t for t, p in produced_in.items()
                           if p <= b < last_use.get(t, -1) and cls.get(t) != "const")
         costs = [state.costs[k] for k in nodes]
@@ -174,6 +189,9 @@ def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block
             flops_decode=sum(c.flops_decode for c in costs),
             weight_bytes=sum(init_bytes[w] for w in weights),
             weights={w: init_bytes[w] for w in sorted(weights)},
+            lookups={w: init_bytes[w] // rows[w] for w in sorted(tables)},
+            packed_bytes=max((init_bytes.get(g.node[k].input[1], 0) for k in nodes
+                              if g.node[k].op_type in PACKED and len(g.node[k].input) > 1), default=0),
             kv_bytes=sum(c.kv_bytes for c in costs),
             read_bytes_decode=sum(c.read_bytes_decode for c in costs),
             workspace_bytes=2 * max((c.act_bytes_prefill for c in costs), default=0),
