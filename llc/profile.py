@@ -14,6 +14,7 @@ Example (see examples/devices/)::
         memory_mb: 2500
         gflops: 12.0
         threads: 4
+        int4: {gflops_prefill: 20.0, memory_gbps: 3.5}   # optional (llc profile writes it)
     network:
       bandwidth_mbps: 100
       latency_ms: 4
@@ -41,6 +42,16 @@ from llc.errors import LlcError
 
 TARGETS = ("local", "adb")
 OBJECTIVES = ("latency", "throughput")
+QUANTIZED = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast a device runs layers of one weight precision: the compute rate and the read bandwidth
+    a decode step sees. onnxruntime's int8 and int4 kernels (MatMulNBits) differ from fp32's in both."""
+
+    gflops_prefill: float
+    memory_gbps: float
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,15 @@ class Device:
     serial: str | None = None  # adb serial (USB serial or host:port)
     address: str = "127.0.0.1"  # where the data-plane port is reachable from peers
     port: int | None = None  # data-plane port; assigned from base_port when absent
+    int8: Rates | None = None  # layers with int8 / int4 weights, as `llc profile` measures them
+    int4: Rates | None = None
+
+    def rates(self, precision: str) -> Rates | None:
+        """The rates of layers of this precision (fp32's where it was not measured), if known."""
+        measured = getattr(self, precision) if precision in QUANTIZED else None
+        if measured is not None:
+            return measured
+        return Rates(self.gflops_prefill, self.memory_gbps) if self.gflops_prefill and self.memory_gbps else None
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,11 @@ class _Reader:
             raise self.fail(line, name, f"must be >= {minimum}, got {v!r}")
         return int(v) if integer else float(v)
 
+    def rates(self, m: _Map, key: str, where: str) -> Rates:
+        sub = self.mapping(m[key], f"{where}.{key}", m.lines.get(key, m.line), {"gflops_prefill", "memory_gbps"})
+        return Rates(self.number(sub, "gflops_prefill", f"{where}.{key}"),
+                     self.number(sub, "memory_gbps", f"{where}.{key}"))
+
     def string(self, m: _Map, key: str, where: str, default: Any = None,
                choices: tuple[str, ...] | None = None) -> str | None:
         if key not in m:
@@ -228,8 +253,8 @@ def load_profile(path: str | Path) -> Profile:
     for i, raw in enumerate(raw_devices):
         where = f"devices[{i}]"
         line = getattr(raw, "line", top.lines["devices"])
-        m = r.mapping(raw, where, line, {"name", "target", "serial", "address", "port",
-                                         "memory_mb", "gflops", "threads", "gflops_prefill", "memory_gbps"})
+        m = r.mapping(raw, where, line, {"name", "target", "serial", "address", "port", "memory_mb", "gflops",
+                                         "threads", "gflops_prefill", "memory_gbps", *QUANTIZED})
         name = r.string(m, "name", where, ...)
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise r.fail(m.lines.get("name", m.line), f"{where}.name",
@@ -256,6 +281,7 @@ def load_profile(path: str | Path) -> Profile:
             threads=r.number(m, "threads", where, 4, integer=True),
             gflops_prefill=r.number(m, "gflops_prefill", where, 0) or None,
             memory_gbps=r.number(m, "memory_gbps", where, 0) or None,
+            **{p: r.rates(m, p, where) for p in QUANTIZED if p in m},
         ))
 
     net_raw = top.get("network", _Map())

@@ -129,6 +129,8 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
           f"ratios {mid / fast:.3f} and {slow / fast:.3f}")
     assert fast > mid > slow
     assert all(d.gflops_prefill > d.gflops and d.memory_gbps > 0 for d in profile.devices)
+    assert all(r.gflops_prefill > 0 and r.memory_gbps > 0 for d in profile.devices for r in (d.int8, d.int4))
+    assert by_name[lab.phones[0].name].int4.gflops_prefill > by_name[lab.phones[2].name].int4.gflops_prefill
     # a 0.25 CPU quota measures 0.25-0.34 of the free phone on most days, but up to 0.48 on some (idle
     # host, the same code: CFS lets a quota'd phone run over its share at times); a quota that acts as a
     # budget measures near 1. What this asserts: a slower CPU, at least twice as slow.

@@ -93,6 +93,8 @@ def test_missing_model(tmp_path, profile):
     ("", ["devices.yaml", "empty"]),
     (GOOD_PROFILE + "workload:\n  objective: fastest\n", ["devices.yaml:9", "objective"]),
     (GOOD_PROFILE + "network:\n  links:\n    - between: [a, zz]\n", ["devices.yaml:10", "between"]),
+    (GOOD_PROFILE + "    int4: {gflops_prefill: 9}\n", ["devices.yaml:8", "int4.memory_gbps", "required"]),
+    (GOOD_PROFILE + "    int4: 9\n", ["devices.yaml:8", "int4", "expected a mapping"]),
 ])
 def test_bad_profile(tmp_path, model, text, needles):
     p = tmp_path / "devices.yaml"

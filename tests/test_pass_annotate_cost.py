@@ -85,8 +85,8 @@ def test_decode_costs_the_bytes_it_reads_at_their_precision():
     With a compute rate and a read bandwidth in the profile, a decode step costs both; without,
     FLOPs at the decode rate (which folds fp32 reads in)."""
     from llc.compiler import analysis_passes
-    from llc.compiler.costmodel import decode_ms
-    from llc.profile import Device
+    from llc.compiler.costmodel import decode_ms, prefill_ms
+    from llc.profile import Device, Rates
     from models import tiny_llama
 
     wl = Workload(16, 128)
@@ -103,3 +103,9 @@ def test_decode_costs_the_bytes_it_reads_at_their_precision():
     assert decode_ms(int4, measured) < 0.5 * decode_ms(fp32, measured)
     assert decode_ms(fp32, measured) == pytest.approx(fp32.flops_decode / 30e6 + fp32.read_bytes_decode / 5e6)
     assert decode_ms(int4, folded) == decode_ms(fp32, folded) == pytest.approx(fp32.flops_decode / 2e6)
+    # the rates `llc profile` measured for int4 layers cost int4 blocks; fp32 blocks keep fp32's
+    assert (fp32.precision, int4.precision, embed.precision) == ("fp32", "int4", "fp32")
+    both = Device("d", "local", 1000, gflops=2.0, gflops_prefill=30.0, memory_gbps=5.0, int4=Rates(60.0, 2.0))
+    assert decode_ms(int4, both) == pytest.approx(int4.flops_decode / 60e6 + int4.read_bytes_decode / 2e6)
+    assert decode_ms(fp32, both) == decode_ms(fp32, measured)
+    assert prefill_ms(int4, both) == pytest.approx(int4.flops_prefill / 60e6)

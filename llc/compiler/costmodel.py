@@ -58,11 +58,24 @@ class CostTables:
 
 def decode_ms(b: Block, d: Device) -> float:
     """A block's decode step on a device: its FLOPs at the compute rate plus the bytes it reads
-    (weights at their stored precision, the cache) at the read bandwidth, when the profile has
-    both; else its FLOPs at the decode rate, which folds fp32 weight reads in."""
-    if d.gflops_prefill and d.memory_gbps:
-        return b.flops_decode / (d.gflops_prefill * 1e6) + b.read_bytes_decode / (d.memory_gbps * 1e6)
+    (weights at their stored precision, the cache) at the read bandwidth, both as measured for
+    layers of the block's precision (fp32's if not), when the profile has them; else its FLOPs
+    at the decode rate, which folds fp32 weight reads in."""
+    r = d.rates(b.precision)
+    if r is not None:
+        return b.flops_decode / (r.gflops_prefill * 1e6) + read_ms(b, d)
     return b.flops_decode / (d.gflops * 1e6)
+
+
+def read_ms(b: Block, d: Device) -> float:
+    """The part of a block's decode step spent reading its weights and cache (0 if the profile cannot say)."""
+    r = d.rates(b.precision)
+    return b.read_bytes_decode / (r.memory_gbps * 1e6) if r is not None else 0.0
+
+
+def prefill_ms(b: Block, d: Device) -> float:
+    r = d.rates(b.precision)
+    return b.flops_prefill / ((r.gflops_prefill if r is not None else d.gflops_prefill or d.gflops) * 1e6)
 
 
 def resident_weights(b: Block, workload: Workload) -> dict[str, int]:
@@ -96,8 +109,7 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
         devices=devs,
         labels=tuple(b.label for b in blocks),
         t_decode=tuple(tuple(decode_ms(b, d) for d in devs) for b in blocks),
-        t_prefill=tuple(tuple(b.flops_prefill / ((d.gflops_prefill or d.gflops) * 1e6) for d in devs)
-                        for b in blocks),
+        t_prefill=tuple(tuple(prefill_ms(b, d) for d in devs) for b in blocks),
         mem=tuple(sum(r.values()) + b.kv_bytes * workload.requests_in_flight for b, r in zip(blocks, resident)),
         workspace=tuple(max(b.workspace_bytes, b.packed_bytes) for b in blocks),
         cut_decode=tuple(b.cut_bytes_decode for b in blocks),
@@ -111,8 +123,7 @@ def build_tables(blocks: list[Block], profile: Profile, workload: Workload) -> C
         stages=workload.stages,
         weights=tuple(resident),
         kv_mem=tuple(b.kv_bytes * workload.requests_in_flight for b in blocks),
-        t_decode_read=tuple(tuple(b.read_bytes_decode / (d.memory_gbps * 1e6) if d.gflops_prefill and d.memory_gbps
-                                  else 0.0 for d in devs) for b in blocks),
+        t_decode_read=tuple(tuple(read_ms(b, d) for d in devs) for b in blocks),
     )
 
 

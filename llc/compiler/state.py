@@ -94,6 +94,7 @@ class Block:
     weights: dict[str, int] = field(default_factory=dict)  # initializers it reads -> bytes (some shared)
     lookups: dict[str, int] = field(default_factory=dict)  # those it only looks rows up in -> bytes per row
     packed_bytes: int = 0  # its largest MatMul weight: onnxruntime packs a copy at load, then drops the original
+    precision: str = "fp32"  # its MatMul weights': int8 or int4 (MatMulNBits), else fp32
     kv_bytes: int = 0  # one request, max context
     read_bytes_decode: int = 0  # weights and cache a decode step reads
     workspace_bytes: int = 0  # largest prefill activation, twice (in and out)

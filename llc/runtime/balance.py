@@ -43,6 +43,7 @@ from typing import Callable
 
 from llc.bundle import schema
 from llc.errors import LlcError
+from llc.profile import QUANTIZED
 from llc.runtime.failover import replan
 
 
@@ -173,9 +174,10 @@ class Balancer:
         def scale(doc: dict) -> None:
             for d in doc["devices"]:
                 k = rel.get(d["name"], 1.0)
-                for key in ("gflops", "gflops_prefill", "memory_gbps"):
-                    if d.get(key):
-                        d[key] = round(float(d[key]) / k, 4)
+                for rates in [d] + [d[p] for p in QUANTIZED if isinstance(d.get(p), dict)]:
+                    for key in ("gflops", "gflops_prefill", "memory_gbps"):
+                        if rates.get(key):
+                            rates[key] = round(float(rates[key]) / k, 4)
 
         how = f"{rel[off]:.1f}x slower" if rel[off] > 1 else f"{1 / rel[off]:.1f}x faster"
         job = Replan(f"{off} ran {how} than the plan assumed, relative to the others ({ms[off]:.1f} ms/step)",

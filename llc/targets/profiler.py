@@ -14,9 +14,14 @@ Per device (over adb, or as a process here for `target: local`):
     tokens, with the same pause: a stage's prefill follows an idle wait too;
     back to back, a 0.25-core phone measured 0.17 of a full one). `gflops`
     is the decode rate, because per-token decode is what the plan's latency
-    (and, with several requests, throughput) is made of; prefill is reported
-    in the file's comments. Weights are fed as inputs filled on the device, so
-    the pushed model is a few KB.
+    (and, with several requests, throughput) is made of. Weights are fed as
+    inputs filled on the device, so the pushed model is a few KB.
+  - the same at int8 and int4: the layers with constant random weights,
+    quantized by compile's own quantize pass (onnxruntime's MatMulNBits,
+    blocks of 32, accuracy level 4), pushed (15 and 8 MB) and timed the same
+    way. Those kernels compute in int8 and unpack weights as they read them,
+    so their rates differ from fp32's in both ways; compile costs a block at
+    the rates of its own precision.
   - memory: MemAvailable from /proc/meminfo (what the OS would give now).
 Per pair of adb devices: phone-to-phone TCP (not through the host): round-trip
 time of 1-byte pings (latency_ms = half the median) and bandwidth of a bulk
@@ -36,20 +41,23 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from llc.errors import LlcError
-from llc.profile import Profile, load_profile
+from llc.profile import QUANTIZED, Profile, load_profile
 from llc.targets.adb import SH_LIB, REMOTE_ROOT, Adb, Phone, check_runtime, connect, sync
 from llc.targets.base import TargetError
 
 PROBE = Path(__file__).with_name("probe.py")
 PROFILE_DIR = f"{REMOTE_ROOT}/profile"
 PROBE_PREFIX = "llc-probe "
+PRECISIONS = ("fp32",) + QUANTIZED
+WEIGHT_BYTES = {"fp32": 4.0, "int8": 1 + (4 + 1) / 32, "int4": 0.5 + (4 + 0.5) / 32}  # per weight, with
+# each block of 32's fp32 scale and zero point
 
 
 @dataclass(frozen=True)
@@ -82,16 +90,17 @@ class BenchLayers:
         attn = 2 * 2 * tokens * (past + tokens) * h
         return self.layers * (proj + mlp + attn)
 
-    def bytes_read(self, past: int) -> int:
-        """fp32 bytes a step reads: every weight once, and the KV cache of ``past`` tokens."""
+    def bytes_read(self, past: int, precision: str = "fp32") -> float:
+        """Bytes a step reads: every weight once (MatMul weights at ``precision``), and the fp32 KV
+        cache of ``past`` tokens."""
         h, kv = self.hidden, self.kv_heads * self.head_dim
-        weights = h * (h + 2 * kv + h) + 3 * h * self.ffn + 2 * h
-        return 4 * self.layers * (weights + 2 * past * kv)
+        matmuls = h * (h + 2 * kv + h) + 3 * h * self.ffn
+        return self.layers * (WEIGHT_BYTES[precision] * matmuls + 4 * (2 * h + 2 * past * kv))
 
-    def memory_gbps(self, gflops_decode: float, gflops_prefill: float) -> float:
+    def memory_gbps(self, gflops_decode: float, gflops_prefill: float, precision: str = "fp32") -> float:
         """The read bandwidth a decode step saw: its time less its FLOPs at the compute rate
         (the prefill's), over the bytes it read. At least the bytes over the whole step."""
-        flops, nbytes = self.flops(1, self.decode_context), self.bytes_read(self.decode_context)
+        flops, nbytes = self.flops(1, self.decode_context), self.bytes_read(self.decode_context, precision)
         step_s = flops / (gflops_decode * 1e9)
         memory_s = max(step_s - flops / (gflops_prefill * 1e9), 0.1 * step_s)
         return nbytes / memory_s / 1e9
@@ -105,8 +114,9 @@ class BenchLayers:
         ]
 
 
-def bench_model(shape: BenchLayers = BenchLayers()):
-    """An ONNX decoder layer stack: x[1,T,H] + KV cache[1,KVH,P,D] per layer -> x; weights are inputs."""
+def bench_model(shape: BenchLayers = BenchLayers(), constant: bool = False):
+    """An ONNX decoder layer stack: x[1,T,H] + KV cache[1,KVH,P,D] per layer -> x; weights are inputs,
+    or with ``constant`` random initializers (what quantization needs)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -123,8 +133,13 @@ def bench_model(shape: BenchLayers = BenchLayers()):
         nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
         return out
 
+    rng = np.random.default_rng(0)
+
     def weight(name: str, dims: list[int]) -> str:
-        inputs.append(helper.make_tensor_value_info(name, f32, dims))
+        if constant:
+            const(name, (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float32))
+        else:
+            inputs.append(helper.make_tensor_value_info(name, f32, dims))
         return name
 
     eps = const("eps", np.float32(1e-5))
@@ -174,6 +189,24 @@ def bench_model(shape: BenchLayers = BenchLayers()):
     return model
 
 
+def bench_files(shape: BenchLayers, folder: Path) -> dict[str, dict[str, Path]]:
+    """precision -> the probe's files for it (name on the device -> path here): fp32 with its weights as
+    inputs; int8 and int4 quantized by compile's quantize pass, with their data files."""
+    import onnx
+
+    from llc.compiler.passes.quantize import Quantize
+
+    onnx.save(bench_model(shape), str(folder / "bench.onnx"))
+    files = {"fp32": {"bench.onnx": folder / "bench.onnx"}}
+    constant = bench_model(shape, constant=True)
+    for precision in QUANTIZED:
+        out = folder / precision
+        out.mkdir()
+        Quantize(weights=precision).write(constant, folder, out)
+        files[precision] = {f"{precision}/{p.name}": p for p in sorted(out.iterdir())}
+    return files
+
+
 @dataclass
 class DeviceResult:
     name: str
@@ -183,6 +216,7 @@ class DeviceResult:
     gflops_prefill: float
     cpu_share: float  # CPU seconds per wall second during decode (a quota or a busy phone shows here)
     memory_gbps: float = 0.0
+    quantized: dict[str, dict[str, float]] = field(default_factory=dict)  # int8/int4 -> their rates
 
 
 @dataclass
@@ -238,11 +272,8 @@ def measure(path: Path, out: Path, adb: Adb, seconds: float = 2.0, net_seconds: 
     results: dict[str, DeviceResult] = {}
     links: list[LinkResult] = []
     with tempfile.TemporaryDirectory() as tmp:
-        import onnx
-
-        bench = Path(tmp) / "bench.onnx"
-        onnx.save(bench_model(shape), str(bench))
-        files = {"bench.onnx": bench, "probe.py": PROBE}
+        models = bench_files(shape, Path(tmp))
+        files = {"probe.py": PROBE, **{n: p for f in models.values() for n, p in f.items()}}
         listed = adb.devices() if phones else {}
         for phone in phones.values():
             connect(adb, phone, listed)
@@ -250,22 +281,29 @@ def measure(path: Path, out: Path, adb: Adb, seconds: float = 2.0, net_seconds: 
             check_runtime(adb, phone)  # the launcher's needs, so a later deploy does not fail
             sync(adb, phone, files, PROFILE_DIR)
         for dev in profile.devices:  # one at a time: on a shared host (the lab) they would compete
-            args = ["compute", "bench.onnx", "--threads", str(dev.threads), "--seconds", str(seconds),
-                    "--modes", json.dumps(modes)]
-            if dev.target == "adb":
-                got = _probe_adb(adb, phones[dev.name], args, timeout=300 + 4 * seconds)
-            else:
-                got = _probe_local(Path(tmp), args, dev.name, timeout=300 + 4 * seconds)
-            dec, pre = got["modes"]["decode"], got["modes"]["prefill"]
-            mem = got.get("mem_available_kb")
-            results[dev.name] = DeviceResult(dev.name, dev.threads, mem // 1024 if mem else None,
-                                             dec["gflops"], pre["gflops"], dec["cpu_s"] / dec["wall_s"],
-                                             shape.memory_gbps(dec["gflops"], pre["gflops"]))
-            r = results[dev.name]
+            got = {}
+            for precision, model in models.items():  # a process each: the probe holds one model at a time
+                onnx_file = next(n for n in model if n.endswith(".onnx"))
+                args = ["compute", onnx_file, "--threads", str(dev.threads), "--seconds", str(seconds),
+                        "--modes", json.dumps(modes)]
+                if dev.target == "adb":
+                    got[precision] = _probe_adb(adb, phones[dev.name], args, timeout=300 + 4 * seconds)
+                else:
+                    got[precision] = _probe_local(Path(tmp), args, dev.name, timeout=300 + 4 * seconds)
+            rates = {p: (g["modes"]["decode"]["gflops"], g["modes"]["prefill"]["gflops"]) for p, g in got.items()}
+            dec = got["fp32"]["modes"]["decode"]
+            mem = got["fp32"].get("mem_available_kb")
+            results[dev.name] = r = DeviceResult(
+                dev.name, dev.threads, mem // 1024 if mem else None, *rates["fp32"], dec["cpu_s"] / dec["wall_s"],
+                shape.memory_gbps(*rates["fp32"]),
+                {p: {"gflops": d, "gflops_prefill": q, "memory_gbps": shape.memory_gbps(d, q, p)}
+                 for p, (d, q) in rates.items() if p != "fp32"})
             log(f"{dev.name}: {r.gflops_decode:.2f} GFLOP/s decode, {r.gflops_prefill:.2f} prefill, "
                 f"{r.memory_gbps:.1f} GB/s read "
                 f"({dev.threads} thread(s), {r.cpu_share:.2f} CPU s/s), "
-                + (f"{r.memory_mb} MB available" if r.memory_mb else "MemAvailable unknown"))
+                + (f"{r.memory_mb} MB available" if r.memory_mb else "MemAvailable unknown") + "; "
+                + ", ".join(f"{p} {q['gflops']:.2f} / {q['gflops_prefill']:.2f} / {q['memory_gbps']:.1f}"
+                            for p, q in r.quantized.items()))
         if network:
             for a, b in itertools.combinations([d for d in profile.devices if d.target == "adb"], 2):
                 got = _link(adb, phones[a.name], phones[b.name], b.address, port, net_seconds)
@@ -348,6 +386,8 @@ def _render(raw: dict, profile: Profile, results: dict[str, DeviceResult], links
         d["gflops"] = round(r.gflops_decode, 3)
         d["gflops_prefill"] = round(r.gflops_prefill, 3)
         d["memory_gbps"] = round(r.memory_gbps, 3)
+        for p, q in r.quantized.items():
+            d[p] = {"gflops_prefill": round(q["gflops_prefill"], 3), "memory_gbps": round(q["memory_gbps"], 3)}
         devices.append(d)
     doc["devices"] = devices
     net = dict(raw.get("network") or {})
@@ -363,11 +403,13 @@ def _render(raw: dict, profile: Profile, results: dict[str, DeviceResult], links
     head = [f"# Measured by `llc profile {source}`.",
             "# gflops: decode (1 token, 256-token cache) on 4 SmolLM2-135M-sized layers; gflops_prefill: 64-token",
             "# prefill on them (the compute rate); memory_gbps: bytes a decode step reads over its time beyond",
-            "# its FLOPs at that rate (compile costs a decode step with these two). CPU share below.",
+            "# its FLOPs at that rate (compile costs a decode step with these two). int8 and int4: the same",
+            "# for those layers with quantized MatMul weights (onnxruntime's MatMulNBits). CPU share below.",
             "# latency_ms is half the measured phone-to-phone round trip."]
     for r in results.values():
         head.append(f"#   {r.name}: decode {r.gflops_decode:.2f} GFLOP/s, prefill {r.gflops_prefill:.2f} GFLOP/s, "
-                    f"{r.threads} thread(s), {r.cpu_share:.2f} CPU s/s, MemAvailable {r.memory_mb} MB")
+                    f"{r.threads} thread(s), {r.cpu_share:.2f} CPU s/s, MemAvailable {r.memory_mb} MB"
+                    + "".join(f"; {p} decode {q['gflops']:.2f} GFLOP/s" for p, q in r.quantized.items()))
     for x in links:
         head.append(f"#   {x.a} -> {x.b}: {x.mbps:.1f} Mbit/s, round trip {x.rtt_ms:.3f} ms")
     return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False)

@@ -144,6 +144,13 @@ class Coarsen:
 PACKED = {"MatMul", "Gemm", "MatMulNBits", "FusedMatMul"}  # onnxruntime packs a constant B at load
 
 
+def precision(nodes: list[onnx.NodeProto]) -> str:
+    """int4 or int8 if the nodes' MatMul weights are (the widest of them), else fp32."""
+    bits = {next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nodes
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    return "int8" if 8 in bits else "int4" if bits else "fp32"
+
+
 def looked_up(node: onnx.NodeProto) -> set[str]:
     """The inputs a lookup reads rows of, by the token (an embedding table, its scales and zero points)."""
     axis = next((a.i for a in node.attribute if a.name in ("axis", "gather_axis")), 0)
@@ -192,6 +199,7 @@ def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block
             lookups={w: init_bytes[w] // rows[w] for w in sorted(tables)},
             packed_bytes=max((init_bytes.get(g.node[k].input[1], 0) for k in nodes
                               if g.node[k].op_type in PACKED and len(g.node[k].input) > 1), default=0),
+            precision=precision([g.node[k] for k in nodes]),
             kv_bytes=sum(c.kv_bytes for c in costs),
             read_bytes_decode=sum(c.read_bytes_decode for c in costs),
             workspace_bytes=2 * max((c.act_bytes_prefill for c in costs), default=0),

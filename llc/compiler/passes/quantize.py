@@ -42,7 +42,7 @@ BITS = {"int8": 8, "int4": 4}
 OPS = {"int8": ("MatMul",), "int4": ("MatMul", "Gather")}  # onnxruntime quantizes a Gather to 4 bits only
 WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-QUANTIZER_VERSION = 4  # bump when what this pass asks of the quantizer changes
+QUANTIZER_VERSION = 5  # bump when what this pass asks of the quantizer changes
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Quantize:
         out.graph.initializer.extend(t for name, t in written.items() if name in used)
         gone = set(weights) - set(written)  # older IRs list initializers as inputs too
         out.graph.input.extend(i for i in g.input if i.name not in gone)
-        _opsets(out, self.weights)
+        _opsets(out)
         onnx.save(out, str(folder / "model.onnx"))
         return True
 
@@ -140,13 +140,13 @@ def _without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _opsets(model: onnx.ModelProto, weights: str) -> None:
+def _opsets(model: onnx.ModelProto) -> None:
     """What onnxruntime's quantizer sets on a model it writes: the contrib domain; for int4 lookups
     (GatherBlockQuantized, 4-bit tensors) opset 21 and IR version 10."""
     domains = {o.domain: o for o in model.opset_import}
     if "com.microsoft" not in domains:
         model.opset_import.add(domain="com.microsoft", version=1)
-    if "Gather" in OPS[weights]:
+    if any(n.op_type == "GatherBlockQuantized" for n in model.graph.node):  # (a model with none keeps its opset)
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx") and o.version < 21:
                 o.version = 21
