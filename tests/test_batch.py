@@ -119,3 +119,43 @@ def test_verify_catches_padding_on_the_wrong_side(tmp_path):
         manifest.write_text(json.dumps(doc))
     bad = {d.step: d.max_abs_diff for d in verify_build(build)}
     assert bad["batched decode"] > 1e-3 and bad["prefill"] <= 1e-4 and bad["decode"] <= 1e-4
+
+
+def test_group_query_attention_caches_stay_in_place(tmp_path):
+    """A GroupQueryAttention stage keeps one max_context buffer per cache and request for the whole
+    request, batched steps or not; every output equals the same build's with caches copied each step."""
+    build = compiled_build(genai_llama("int4"), tmp_path / "b", 2, eos_token_ids=[], requests=2)
+    max_context = schema.read(build, schema.PLAN).workload.max_context
+    nexts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+
+    def run(watch: bool) -> tuple[dict, list[Trace]]:
+        runner = SplitRunner(build, threads=1)
+        buffers: dict[tuple[str, int], set] = {}
+        for stage in runner.stages.values() if watch else ():
+            def complete(result, stage=stage, complete=stage.complete):
+                for rid, _ in result.job.rows:
+                    kv = stage.requests[rid].kv
+                    buffers.setdefault((stage.name, rid), set()).update(
+                        (i.name, id(kv[i.name]), kv[i.name].shape[i.seq_axis]) for i in stage.kv_inputs)
+                complete(result)
+            stage.complete = complete
+        traces = runner.teacher_force_many(PROMPTS[:2], nexts)
+        assert runner.batched_steps() >= 3
+        return buffers, traces
+
+    buffers, in_place = run(watch=True)
+    held = {key: ids for key, ids in buffers.items() if ids}  # stages with caches
+    assert len(held) >= 2  # both requests on at least one stage
+    for ids in held.values():  # one buffer per cache input, the same at every step
+        assert {length for _, _, length in ids} == {max_context} and len(ids) == len({n for n, _, _ in ids})
+    for manifest in (build / "devices").glob("*/manifest.json"):
+        doc = json.loads(manifest.read_text())
+        assert doc["kv_in_place"]
+        doc["kv_in_place"] = False
+        manifest.write_text(json.dumps(doc))
+    _, copied = run(watch=False)
+    for a, b in zip(in_place, copied):
+        assert sorted(a.steps) == sorted(b.steps) == list(range(5))
+        for step in a.steps:
+            for name, value in b.steps[step].items():
+                np.testing.assert_array_equal(a.steps[step][name], value, err_msg=f"{name} at step {step}")

@@ -303,7 +303,8 @@ class Stage:
         if width < 0 or width > self.m.max_context:
             raise protocol.ProtocolError(f"width {width} outside 0..{self.m.max_context}")
         if not 1 <= tokens <= self.m.max_context - width:
-            raise protocol.ProtocolError(f"{tokens} new tokens on a width of {width} (max context {self.m.max_context})")
+            raise protocol.ProtocolError(f"{tokens} new tokens on a width of {width} "
+                                         f"(max context {self.m.max_context})")
         return tuple(zip(rids, steps))
 
     def _on_token(self, rid: int, token: int, done: bool) -> None:
@@ -562,8 +563,8 @@ class Stage:
                 present = outputs[k.present]
                 row = unpad(present, i, k.seq_axis, job.pads[i], self.right) if job.padded else present
                 if self.in_place:  # the row's new entries into its buffer
-                    new = slice(req.past, req.past + job.tokens)
-                    req.kv[k.name][along_index(row.ndim, k.seq_axis, new)] = row[along_index(row.ndim, k.seq_axis, new)]
+                    new = along_index(row.ndim, k.seq_axis, slice(req.past, req.past + job.tokens))
+                    req.kv[k.name][new] = row[new]
                 else:
                     req.kv[k.name] = row
             req.past += job.tokens
