@@ -62,9 +62,9 @@ import mip
 import mip.cbc
 import yaml
 
+from llc.compiler.caches import batching
 from llc.compiler.costmodel import (EPS, MIB, TIE, TOKEN_BYTES, CostTables, Split, batched_tokens_per_s,
                                     build_tables, evaluate, even_split, memory_proportional_split)
-from llc.compiler.passes.emit import batching
 from llc.errors import DoesNotFit, LlcError
 from llc.compiler.state import CompileState, Plan, StagePlan
 
