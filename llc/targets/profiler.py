@@ -55,7 +55,6 @@ from llc.targets.base import TargetError
 PROBE = Path(__file__).with_name("probe.py")
 PROFILE_DIR = f"{REMOTE_ROOT}/profile"
 PROBE_PREFIX = "llc-probe "
-PRECISIONS = ("fp32",) + QUANTIZED
 WEIGHT_BYTES = {"fp32": 4.0, "int8": 1 + (4 + 1) / 32, "int4": 0.5 + (4 + 0.5) / 32}  # per weight, with
 # each block of 32's fp32 scale and zero point
 
