@@ -185,8 +185,9 @@ def build_blocks(state: CompileState, groups, cls: dict[str, str]) -> list[Block
     rows = {t.name: t.dims[0] for t in g.initializer if len(t.dims) > 1 and t.dims[0]}
     for b, (label, kind, nodes) in enumerate(groups):
         weights = {i for k in nodes for i in g.node[k].input if i in init_bytes}
-        tables = {w for k in nodes for w in looked_up(g.node[k])} & rows.keys()
-        tables -= {i for k in nodes for i in g.node[k].input if i not in looked_up(g.node[k])}
+        looked = {k: looked_up(g.node[k]) for k in nodes}
+        tables = set().union(*looked.values()) & rows.keys()
+        tables -= {i for k in nodes for i in g.node[k].input if i not in looked[k]}  # read some other way too
         crossing = sorted(t for t, p in produced_in.items()
                           if p <= b < last_use.get(t, -1) and cls.get(t) != "const")
         costs = [state.costs[k] for k in nodes]

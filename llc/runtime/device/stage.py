@@ -106,7 +106,6 @@ class Job:
     pads: tuple[int, ...] = (0,)  # per row: padding positions in its cache
     tokens: int = 1  # new tokens per row
     binding: ort.IOBinding | None = None  # in place (one row): its request's binding, inputs bound
-    cache: dict[str, np.ndarray] = field(default_factory=dict)  # in place (one row): its request's buffers
 
     @property
     def padded(self) -> bool:
@@ -479,7 +478,7 @@ class Stage:
         """Each KV input into the job: one row in place is bound (with the job's other inputs);
         otherwise the requests' caches, padded to the batch's width and stacked."""
         if self.in_place and not job.padded:
-            job.binding, job.cache = self._bind(batch[0], job.feeds), batch[0].kv
+            job.binding = self._bind(batch[0], job.feeds)
             return
         for i in self.kv_inputs:
             if job.step == 0:
@@ -548,7 +547,8 @@ class Stage:
         outputs = result.outputs
         if self.on_outputs is not None:
             if job.binding is not None:  # each present as a copying op returns it (a view of the buffer)
-                outputs.update({i.present: along(job.cache[i.name], i.seq_axis, 0, job.width + job.tokens)
+                kv = rows[0][1].kv
+                outputs.update({i.present: along(kv[i.name], i.seq_axis, 0, job.width + job.tokens)
                                 for i in self.kv_inputs})
             self.on_outputs(job, outputs)
         kind = "prefill" if job.step == 0 else "decode"
