@@ -409,6 +409,8 @@ def test_malformed_messages_are_refused_and_the_device_keeps_generating(model, r
         "width beyond the max context": (tail, tensors(29, 0, width=10**6)),
         "tensors to the head": (head, tensors(30, 0)),
         "a prefill of no tokens": (tail, tensors(31, 0, shape=(1, 0, 64))),
+        "zero new tokens": (tail, tensors(33, 0, tokens=0)),
+        "new tokens beyond the max context": (tail, tensors(34, 0, tokens=10**6)),
     }
     with Coordinator(build, health=target.health) as c:
         c.connect()
