@@ -133,8 +133,9 @@ def test_profile_ranks_phones_and_measures_links(lab, measured):
     assert by_name[lab.phones[0].name].int4.gflops_prefill > by_name[lab.phones[2].name].int4.gflops_prefill
     # a 0.25 CPU quota measures 0.25-0.34 of the free phone on most days, but up to 0.48 on some (idle
     # host, the same code: CFS lets a quota'd phone run over its share at times); a quota that acts as a
-    # budget measures near 1. What this asserts: a slower CPU, at least twice as slow.
-    assert 0.2 <= slow / fast <= 0.55
+    # budget measures near 1. While another suite loads the host, the quota'd phone loses more than the free
+    # one (0.17 seen). What this asserts: a slower CPU, at least twice as slow, and not stalled.
+    assert 0.1 <= slow / fast <= 0.55
     for d, spec in zip(profile.devices, SPECS):  # each phone's memory cgroup: its limit less what is in use
         print(f"{d.name}: {d.memory_mb} MB of its {spec.memory_mb} MB limit")
         assert spec.memory_mb - 150 < d.memory_mb <= spec.memory_mb
