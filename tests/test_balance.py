@@ -131,8 +131,8 @@ signal.signal(signal.SIGTERM, stop)
 while running:
     if time.monotonic() - looked > 0.05:  # a restart writes a new pid file
         looked = time.monotonic()
-        files = sorted(Path(sys.argv[1]).glob("**/run/dev1.pid"), key=lambda p: p.stat().st_mtime)
-        try:
+        try:  # a pid file may go between the glob and the read: a restart under way
+            files = sorted(Path(sys.argv[1]).glob("**/run/dev1.pid"), key=lambda p: p.stat().st_mtime)
             pid = int(files[-1].read_text()) if files else None
         except (OSError, ValueError):
             pass
