@@ -193,7 +193,8 @@ def main() -> None:
              + markdown(["between messages", "round trip µs"],
                         [[f"{k.split()[1]} ms of work", f"{med[k]:.0f}"] for k in med if k.startswith("zmq")]))
     svg = grouped_bars("ms/token", [b[0] for b in bars],
-                       [("onnxruntime", "#4a7", [b[1] for b in bars]), ("the rest", "#d74", [b[2] for b in bars])])
+                       [("onnxruntime", "#4a7", [b[1] for b in bars]), ("the rest", "#d74", [b[2] for b in bars])],
+                       digits=1)
     write(args.json, {"new_tokens": args.new_tokens, "reps": args.reps, "rows": rows, "medians": med}, table, svg)
 
 

@@ -35,8 +35,9 @@ def write(json_path: Path, doc: dict, table: str, svg: str | None = None) -> Non
 
 
 def grouped_bars(title: str, labels: list[str], series: list[tuple[str, str, list[float]]], width: int = 640,
-                 height: int = 300) -> str:
-    """One group of bars per label, one bar per series (name, colour, a value per label), values on top."""
+                 height: int = 300, digits: int = 0) -> str:
+    """One group of bars per label, one bar per series (name, colour, a value per label), values on top
+    (with ``digits`` decimals)."""
     top = max(max(values) for _, _, values in series) * 1.15 or 1.0
     left, bottom = 50, 12 + 12 * max(label.count("\n") + 1 for label in labels) + 16
     group = (width - left - 20) / len(labels)
@@ -51,7 +52,7 @@ def grouped_bars(title: str, labels: list[str], series: list[tuple[str, str, lis
             if values[i] > 0:  # 0: not measured
                 parts.append(f'<rect x="{x + 6 + j * bar:.1f}" y="{height - bottom - bh:.1f}" width="{bar:.1f}" '
                              f'height="{bh:.1f}" fill="{colour}"/><text x="{x + 6 + j * bar + 2:.1f}" '
-                             f'y="{height - bottom - bh - 3:.1f}">{values[i]:,.0f}</text>')
+                             f'y="{height - bottom - bh - 3:.1f}">{values[i]:,.{digits}f}</text>')
         lines = "".join(f'<tspan x="{x + group / 2:.1f}" dy="{0 if k == 0 else 12}">{line}</tspan>'
                         for k, line in enumerate(label.split("\n")))  # a label may take several lines
         parts.append(f'<text y="{height - bottom + 14}" text-anchor="middle">{lines}</text>')
