@@ -8,9 +8,10 @@ side by side over --reps repetitions (medians):
 - in one process: ``llc verify``'s split runner (the device code, messages
   packed and unpacked, no sockets): ms/token, of which onnxruntime runs; the
   rest is the stages' Python;
-- as local processes: the ms/token a user sees, the onnxruntime ms of every
-  stage's decode steps, and the gap from one stage's step to the next stage's
-  (the stages' own timelines), with the processes on any core and all on core 0;
+- as local processes, from the stages' own timelines: ms/token (from one head
+  step's start to the next's), the onnxruntime ms of every stage's decode steps,
+  and the gap after each step until the next stage's (one stage: its own next
+  step), with the processes on any core and all on core 0;
 - ZeroMQ alone: the round trip of a decode step's message between two
   processes over the devices' sockets (CURVE, DEALER to ROUTER, TCP loopback),
   back to back and with 5 ms of work between messages, as a stage has.
@@ -75,7 +76,11 @@ def processes(build: Path, prompt: list[int], n: int, cpus: str | None) -> tuple
             stats = c.stats()
     finally:
         target.stop()
-    rid = max(e[0] for s in stats for e in s.events)
+    counts: dict[int, int] = {}
+    for s in stats:
+        for e in s.events:
+            counts[e[0]] = counts.get(e[0], 0) + 1
+    rid = max(counts, key=counts.get)  # the measured request (rids are random): the one of n steps
     runs = {}  # step -> stage -> (start, end)
     for s in stats:
         for e_rid, step, start, end, _, _ in s.events:
@@ -89,7 +94,8 @@ def processes(build: Path, prompt: list[int], n: int, cpus: str | None) -> tuple
         ort.append(sum(end - start for start, end in span.values()) * 1000)
         starts = [span[k][0] for k in order[1:]] + [head_next]
         gaps += [(b - span[k][1]) * 1000 for k, b in zip(order, starts)]
-    return statistics.median(cycles), statistics.median(ort), statistics.median(gaps)
+    rest = statistics.median(c - o for c, o in zip(cycles, ort))
+    return statistics.median(cycles), statistics.median(cycles) - rest, statistics.median(gaps)
 
 
 def _echo(endpoint: str, back: str, server: tuple[bytes, bytes], client: tuple[bytes, bytes]) -> None:
@@ -102,35 +108,35 @@ def _echo(endpoint: str, back: str, server: tuple[bytes, bytes], client: tuple[b
     dealer.curve_publickey, dealer.curve_secretkey = client
     dealer.curve_serverkey = server[0]
     dealer.connect(back)
-    while True:
+    while True:  # until terminated
         _, *frames = router.recv_multipart()
-        if frames == [b"stop"]:
-            break
         dealer.send_multipart(frames)
-    ctx.destroy(linger=0)
 
 
 def round_trips(work_ms: float, count: int = 400, port: int = 5791) -> list[float]:
     """µs per round trip of a decode step's tensors message, with ``work_ms`` of busy work between them."""
     server, client = zmq.curve_keypair(), zmq.curve_keypair()
     there, back = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
-    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(there, back, server, client))
-    echo.start()
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.curve_server, (router.curve_publickey, router.curve_secretkey) = True, server
-    router.bind(back)
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.curve_publickey, dealer.curve_secretkey = client
-    dealer.curve_serverkey = server[0]
-    dealer.connect(there)
     hidden = np.zeros((1, 1, HIDDEN), np.float32)
     frames = protocol.pack(protocol.TENSORS, [("hidden", hidden), ("residual", hidden),
                                               ("seqlens_k", np.zeros(1, np.int32)),
                                               ("total_sequence_length", np.zeros((), np.int32))],
                            rids=[1], steps=[5], width=40, tokens=1, **{"from": "dev0"})
+    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(there, back, server, client),
+                                                        daemon=True)
+    echo.start()
+    ctx = zmq.Context()
     times = []
     try:
+        router = ctx.socket(zmq.ROUTER)
+        router.curve_server, (router.curve_publickey, router.curve_secretkey) = True, server
+        router.rcvtimeo = 10000  # an echo that died (its port taken) must not hang the benchmark
+        router.bind(back)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.curve_publickey, dealer.curve_secretkey = client
+        dealer.curve_serverkey = server[0]
+        dealer.sndtimeo = 10000
+        dealer.connect(there)
         for _ in range(count):
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < work_ms / 1000:
@@ -140,7 +146,7 @@ def round_trips(work_ms: float, count: int = 400, port: int = 5791) -> list[floa
             router.recv_multipart()
             times.append((time.perf_counter() - t0) * 1e6)
     finally:
-        dealer.send_multipart([b"stop"])
+        echo.terminate()
         echo.join(10)
         ctx.destroy(linger=0)
     return times[count // 10:]
@@ -188,7 +194,7 @@ def main() -> None:
     table = (f"SmolLM2-135M (onnxruntime-genai int4), 1 request, {args.new_tokens} tokens, 1 onnxruntime thread, "
              f"median of {args.reps}\n\n"
              + markdown(["stages", "where", "ms/token", "onnxruntime ms/token", "the rest ms/token",
-                         "gap per hop ms"], table_rows)
+                         "gap after a step ms"], table_rows)
              + "\n\nZeroMQ round trip of a decode step's message (CURVE, TCP loopback)\n\n"
              + markdown(["between messages", "round trip µs"],
                         [[f"{k.split()[1]} ms of work", f"{med[k]:.0f}"] for k in med if k.startswith("zmq")]))
