@@ -8,7 +8,7 @@
 
 - local devices (one onnxruntime thread each; two by default, one per core of
   a 2-core machine, so that slowing one does not hand its core to the others):
-  the process is stopped (SIGSTOP) for (slow-1) ms of every ``slow`` ms;
+  its process is stopped (SIGSTOP) (slow-1)/slow of every 4 ms (``llc.lab.throttle``);
 - ``--lab``: a phone lab of ``--devices`` phones of one full core each, profiled
   by `llc profile` and deployed over adb; the phone's CPU quota is lowered to
   1/slow of its core (`llc lab cpu`), as a phone that heats up and throttles,
@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,6 +37,7 @@ from typing import Callable
 import yaml
 
 from llc.compiler import compile_model, with_overrides
+from llc.lab import throttle
 from llc.profile import load_profile
 from llc.runtime.balance import Balancer
 from llc.runtime.coordinator import load_tokenizer
@@ -55,20 +54,6 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 log = logger("balance")
 WORKLOAD = {"prompt_tokens": 32, "max_context": 1024, "requests_in_flight": 4, "objective": "throughput"}
 LAB_ADB_PORT = 5167
-
-
-def throttle(build: Path, device: str, slow: float, stop: threading.Event) -> None:
-    """Keep ``device``'s current process stopped (slow-1)/slow of the time, 4 ms periods."""
-    period = 0.004
-    while not stop.is_set():
-        try:  # a pid file may go between the glob and the read: a restart under way
-            pid = int(sorted(build.glob(f"**/run/{device}.pid"), key=lambda p: p.stat().st_mtime)[-1].read_text())
-            os.kill(pid, signal.SIGSTOP)
-            time.sleep(period * (slow - 1) / slow)
-            os.kill(pid, signal.SIGCONT)
-        except (IndexError, ValueError, OSError):
-            pass
-        time.sleep(period / slow)
 
 
 def once(build: Path, prompts: list[list[int]], tokens: int, slow_down: Callable[[], Callable[[], None]],
@@ -110,10 +95,8 @@ def local_setup(args, tmp: Path) -> tuple[Path, Callable[[], Callable[[], None]]
     build = tmp / "build"
 
     def slow_down() -> Callable[[], None]:
-        stop = threading.Event()
-        threading.Thread(target=throttle, args=(build, f"dev{args.devices - 1}", args.slow, stop),
-                         daemon=True).start()
-        return stop.set
+        proc = throttle.start(build, f"dev{args.devices - 1}", args.slow)
+        return lambda: throttle.stop(proc)
 
     return profile, slow_down
 

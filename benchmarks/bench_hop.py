@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ HIDDEN = 576  # SmolLM2's: a decode step sends two [1, 1, 576] float32 tensors a
 
 
 def in_process(build: Path, prompt: list[int], n: int) -> tuple[float, float]:
-    """(ms/token, onnxruntime ms/token) of the stages run in this process."""
+    """(ms/token, of it outside onnxruntime) of the stages run in this process."""
     runner = SplitRunner(build, threads=1)
     runner.generate([prompt], SamplingParams(max_new_tokens=4))  # warm-up
     before = sum(s.compute_ms["decode"] for s in runner.stages.values())
@@ -57,12 +58,13 @@ def in_process(build: Path, prompt: list[int], n: int) -> tuple[float, float]:
     total = (time.perf_counter() - t0) * 1000
     prefill = sum(s.events[-n][3] - s.events[-n][2] for s in runner.stages.values()) * 1000
     ort = sum(s.compute_ms["decode"] for s in runner.stages.values()) - before
-    return (total - prefill) / (n - 1), ort / (n - 1)
+    return (total - prefill) / (n - 1), (total - prefill - ort) / (n - 1)
 
 
 def processes(build: Path, prompt: list[int], n: int, cpus: str | None) -> tuple[float, float, float]:
-    """(ms/token, onnxruntime ms/token, gap per hop in ms) on local processes pinned to ``cpus``, medians
-    over the decode steps of the stages' timelines: a token takes from one head step's start to the next's."""
+    """(ms/token, of it outside onnxruntime, gap after a step in ms) on local processes pinned to ``cpus``,
+    medians over the decode steps of the stages' timelines: a token takes from one head step's start to the
+    next's."""
     target = LocalTarget(ready_timeout=60)
     target.start(build, schema.open_build(build).devices)
     try:
@@ -76,39 +78,44 @@ def processes(build: Path, prompt: list[int], n: int, cpus: str | None) -> tuple
             stats = c.stats()
     finally:
         target.stop()
-    counts: dict[int, int] = {}
-    for s in stats:
-        for e in s.events:
-            counts[e[0]] = counts.get(e[0], 0) + 1
-    rid = max(counts, key=counts.get)  # the measured request (rids are random): the one of n steps
+    counts = Counter(e[0] for s in stats for e in s.events)
+    rid = counts.most_common(1)[0][0]  # the measured request (rids are random): the one of n steps
     runs = {}  # step -> stage -> (start, end)
     for s in stats:
         for e_rid, step, start, end, _, _ in s.events:
             if e_rid == rid and step > 0:
                 runs.setdefault(step, {})[s.stage] = (start, end)
     order = sorted({s.stage for s in stats})
-    cycles, ort, gaps = [], [], []
+    cycles, rest, gaps = [], [], []
     for step in sorted(runs)[:-1]:
         span, head_next = runs[step], runs[step + 1][order[0]][0]
         cycles.append((head_next - span[order[0]][0]) * 1000)
-        ort.append(sum(end - start for start, end in span.values()) * 1000)
+        rest.append(cycles[-1] - sum(end - start for start, end in span.values()) * 1000)
         starts = [span[k][0] for k in order[1:]] + [head_next]
         gaps += [(b - span[k][1]) * 1000 for k, b in zip(order, starts)]
-    rest = statistics.median(c - o for c, o in zip(cycles, ort))
-    return statistics.median(cycles), statistics.median(cycles) - rest, statistics.median(gaps)
+    return statistics.median(cycles), statistics.median(rest), statistics.median(gaps)
 
 
-def _echo(endpoint: str, back: str, server: tuple[bytes, bytes], client: tuple[bytes, bytes]) -> None:
-    """The far end of the ping-pong: a device's ROUTER in, a DEALER back, each message returned."""
-    ctx = zmq.Context()
+def _sockets(ctx: zmq.Context, bind: str, connect: str, server: tuple[bytes, bytes],
+             client: tuple[bytes, bytes]) -> tuple[zmq.Socket, zmq.Socket]:
+    """A device's pair: a CURVE server ROUTER bound at ``bind``, a CURVE client DEALER to ``connect``."""
     router = ctx.socket(zmq.ROUTER)
     router.curve_server, (router.curve_publickey, router.curve_secretkey) = True, server
-    router.bind(endpoint)
+    router.rcvtimeo = 10000  # a far end that died (its port taken) must not hang the benchmark
+    router.bind(bind)
     dealer = ctx.socket(zmq.DEALER)
     dealer.curve_publickey, dealer.curve_secretkey = client
     dealer.curve_serverkey = server[0]
-    dealer.connect(back)
-    while True:  # until terminated
+    dealer.sndtimeo = 10000
+    dealer.connect(connect)
+    return router, dealer
+
+
+def _echo(endpoint: str, back: str, server: tuple[bytes, bytes], client: tuple[bytes, bytes]) -> None:
+    """The far end of the ping-pong: each message returned, until terminated."""
+    router, dealer = _sockets(zmq.Context(), endpoint, back, server, client)
+    router.rcvtimeo = -1  # waits for the next message as long as it takes
+    while True:
         _, *frames = router.recv_multipart()
         dealer.send_multipart(frames)
 
@@ -128,15 +135,7 @@ def round_trips(work_ms: float, count: int = 400, port: int = 5791) -> list[floa
     ctx = zmq.Context()
     times = []
     try:
-        router = ctx.socket(zmq.ROUTER)
-        router.curve_server, (router.curve_publickey, router.curve_secretkey) = True, server
-        router.rcvtimeo = 10000  # an echo that died (its port taken) must not hang the benchmark
-        router.bind(back)
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.curve_publickey, dealer.curve_secretkey = client
-        dealer.curve_serverkey = server[0]
-        dealer.sndtimeo = 10000
-        dealer.connect(there)
+        router, dealer = _sockets(ctx, back, there, server, client)
         for _ in range(count):
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < work_ms / 1000:
@@ -189,8 +188,8 @@ def main() -> None:
             continue
         stages, where = key.split(" ", 1)
         gap = f"{m[2]:.2f}" if len(m) > 2 else "-"
-        table_rows.append([stages, where, f"{m[0]:.2f}", f"{m[1]:.2f}", f"{m[0] - m[1]:.2f}", gap])
-        bars.append((f"{stages} st.\n{where.replace('processes, ', '')}", m[1], m[0] - m[1]))
+        table_rows.append([stages, where, f"{m[0]:.2f}", f"{m[0] - m[1]:.2f}", f"{m[1]:.2f}", gap])
+        bars.append((f"{stages} st.\n{where.replace('processes, ', '')}", m[0] - m[1], m[1]))
     table = (f"SmolLM2-135M (onnxruntime-genai int4), 1 request, {args.new_tokens} tokens, 1 onnxruntime thread, "
              f"median of {args.reps}\n\n"
              + markdown(["stages", "where", "ms/token", "onnxruntime ms/token", "the rest ms/token",

@@ -4,7 +4,6 @@ the run goes on with the tokens an undisturbed run gives."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import yaml
 
 from helpers import Reference, compiled_build
 from llc.bundle import schema
+from llc.lab import throttle
 from llc.runtime.balance import Balancer, Rebalance
 from llc.runtime.device.sampling import SamplingParams
 from llc.runtime.run import generate
@@ -111,48 +111,6 @@ def test_a_plan_off_for_every_device_alike_moves_nothing(model, tmp_path):
     assert b.moves == [] and not (tmp_path / "build" / "balance").exists()
 
 
-# Stops dev1 3 ms of every 4 (whichever dev1 runs now: the first build's, or a re-plan's under
-# build/balance/<n>/) until told to stop. A process of its own at real-time priority (root), so that
-# neither a loaded machine nor the GIL of the process running the coordinator stretches its sleeps:
-# as a thread of the test, under another process's load it throttled dev1 so irregularly that dev1
-# looked no slower than the others in one window of two, and nothing moved.
-THROTTLE = """
-import os, signal, sys, time
-from pathlib import Path
-try:
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-except (AttributeError, OSError) as e:
-    print(f"throttle: no real-time priority ({e}); under load dev1 is throttled less evenly", file=sys.stderr)
-parent, deadline = os.getppid(), time.monotonic() + 600  # never outlive the test
-running, pid, looked = True, None, 0.0
-def stop(signum, frame):
-    global running
-    running = False
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, stop)
-while running and os.getppid() == parent and time.monotonic() < deadline:
-    if time.monotonic() - looked > 0.05:  # a restart writes a new pid file
-        looked = time.monotonic()
-        try:  # a pid file may go between the glob and the read: a restart under way
-            files = sorted(Path(sys.argv[1]).glob("**/run/dev1.pid"), key=lambda p: p.stat().st_mtime)
-            pid = int(files[-1].read_text()) if files else None
-        except (OSError, ValueError):
-            pass
-    if pid is not None:
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except OSError:  # gone: a restart under way; look for the new dev1 at once
-            pid, looked = None, 0.0
-        else:
-            time.sleep(0.003)
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except OSError:
-                pass
-    time.sleep(0.001)
-"""
-
-
 @pytest.mark.alone  # dev1 is slower only relative to the others: another suite loading the cores evens them out
 def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tmp_path):
     """dev1 stopped 3 ms of every 4 (SIGSTOP/SIGCONT) from the first token on: the balancer moves layers
@@ -161,23 +119,19 @@ def test_a_slowed_device_is_balanced_away_mid_run_with_the_same_tokens(model, tm
     # ~10 (batched 240 tokens ended in 6 s, before the re-plan did)
     build = compiled_build(model, tmp_path / "build", 3, eos_token_ids=[], requests=4, max_context=512, max_batch=1,
                            objective="throughput")
-    throttle: list[subprocess.Popen] = []
+    slowed: list[subprocess.Popen] = []
 
-    def on_token(r, token, finished):
-        if not throttle:
-            throttle.append(subprocess.Popen([sys.executable, "-c", THROTTLE, str(build)]))
+    def on_token(r, token, finished):  # from the first token on, whichever dev1 runs (see llc.lab.throttle)
+        if not slowed:
+            slowed.append(throttle.start(build, "dev1", 4))
 
     balancer = Balancer(build, build, min_interval_s=1.0, window_steps=8)
     try:
         out = generate(build, PROMPTS, SamplingParams(max_new_tokens=400), 4, on_token, target_name="local",
                        timeout=30, balancer=balancer)
     finally:
-        for proc in throttle:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc in slowed:
+            throttle.stop(proc)
     assert out.moves and out.moves[0].reason.startswith("dev1 ran") and "slower" in out.moves[0].reason
     assert blocks(out.build)["dev1"] < blocks(build)["dev1"]
     ref = Reference(model)
