@@ -90,11 +90,12 @@ def test_slow_phone_is_slower_both_sustained_and_in_bursts(lab):
     for what, code in (("sustained", BUSY), ("bursts", BURSTS)):
         # The median of three interleaved ratios. A Python loop on a throttled core also runs
         # with cold caches, and how much that costs varies from one lab to the next on this VM
-        # (0.15-0.25 sustained, 0.27-0.35 in bursts, measured); a budget-like quota would give
-        # about 1.0 in bursts, which is what this test is here to catch.
+        # (0.15-0.31 sustained, 0.27-0.39 in bursts, measured across CI runs). What this test
+        # catches is a phone at about 1.0: no quota, or a budget-like one in bursts. The bound
+        # sits between the two and does not pin the exact fraction, which is the VM's, not llc's.
         ratios = sorted(work(slow, code) / work(fast, code) for _ in range(3))
         print(f"{what}: 0.25 phone / 1.0 phone = {ratios[1]:.3f} (of {', '.join(f'{r:.3f}' for r in ratios)})")
-        assert 0.13 <= ratios[1] <= 0.37, what
+        assert 0.13 <= ratios[1] <= 0.6, what
     assert {p.core for p in lab.phones} == {0, 1} or len(os.sched_getaffinity(0)) == 1
 
 
