@@ -16,13 +16,12 @@ Two int4 models: the one onnxruntime-genai's builder writes (fused
 GroupQueryAttention), and llc's own quantization of the torch export
 (`llc compile --weights int4`).
 
-    python benchmarks/bench_quant.py [--hf models/smollm2-hf] [--reps 3] [--new-tokens 48]
+    python benchmarks/bench_quant.py [--reps 3] [--new-tokens 48]   (table, .json, .md and .svg)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -41,11 +40,12 @@ from llc.runtime.device.sampling import SamplingParams
 from llc.runtime.verify import Unsplit
 from llc.targets.local import LocalTarget
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import grouped_bars, logger, markdown, write  # noqa: E402
+
+log = logger("quant")
+
 PROMPT = "The capital of France is"
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def profile(path: Path, n: int) -> Path:
@@ -162,25 +162,39 @@ def main() -> None:
                     row.setdefault(label + " (device steps)", []).append(steps)
                 row["bundle MB"] = [bundle_bytes(one) / 1e6]
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rows.items()}
+    doc = {"new_tokens": args.new_tokens, "reps": args.reps, "rows": rows, "medians": med}
+    write(args.json, doc, tables(med, args.new_tokens, args.reps), picture(med, args.new_tokens))
+
+
+SPEED = ["unsplit", "genai", "llc 1 stage", "llc 1 stage (device steps)", "llc 3 stages", "llc 3 stages (device steps)"]
+
+
+def tables(med: dict[str, dict[str, float]], new_tokens: int, reps: int) -> str:
+    """Decode ms/token with the issue's ratios and bundle sizes; then each stage's peak RSS against the plan."""
     fp32_mb = med["fp32 (torch export)"]["bundle MB"]
-    cols = ["unsplit", "genai", "llc 1 stage", "llc 1 stage (device steps)", "llc 3 stages", "llc 3 stages (device steps)"]
-    print(f"SmolLM2-135M decode ms/token, 1 onnxruntime thread, {args.new_tokens} tokens, median of {args.reps}")
-    print(f"{'model':<34}" + "".join(f"{c:>16}" for c in cols) + f"{'1st/genai':>11}{'3st/unspl':>11}{'MB':>8}{'x fp32':>8}")
-    for name, m in med.items():
-        cells = "".join(f"{m[c]:>16.2f}" if c in m else f"{'-':>16}" for c in cols)
-        vs_genai = f"{m['llc 1 stage'] / m['genai']:>11.2f}" if "genai" in m else f"{'-':>11}"
-        print(f"{name:<34}{cells}{vs_genai}{m['llc 3 stages'] / m['unsplit']:>11.2f}{m['bundle MB']:>8.0f}"
-              f"{m['bundle MB'] / fp32_mb:>8.2f}")
-    print("\nresident memory per stage: the launcher's peak RSS against the plan's memory (MB)")
-    for name, m in med.items():
-        for key in sorted(k for k in m if k.endswith("peak RSS MB")):
-            planned = m[key.replace("peak RSS MB", "planned MB")]
-            print(f"{name:<34}{key.replace(' peak RSS MB', ''):<26}{m[key]:>8.0f} measured {planned:>8.0f} planned"
-                  f"{m[key] / planned:>8.2f}x")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"new_tokens": args.new_tokens, "reps": args.reps, "rows": rows,
-                                     "medians": med}, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    speed = [[name, *(f"{m[c]:.2f}" if c in m else "-" for c in SPEED),
+              f"{m['llc 1 stage'] / m['genai']:.2f}x" if "genai" in m else "-",
+              f"{m['llc 3 stages'] / m['unsplit']:.2f}x", f"{m['bundle MB']:.0f}", f"{m['bundle MB'] / fp32_mb:.2f}x"]
+             for name, m in med.items()]
+    memory = [[name, key.replace(" peak RSS MB", ""), f"{m[key]:.0f}",
+               f"{m[key.replace('peak RSS MB', 'planned MB')]:.0f}",
+               f"{m[key] / m[key.replace('peak RSS MB', 'planned MB')]:.2f}x"]
+              for name, m in med.items() for key in sorted(k for k in m if k.endswith("peak RSS MB"))]
+    return "\n\n".join([
+        f"SmolLM2-135M decode ms/token, 1 onnxruntime thread, {new_tokens} tokens, median of {reps}",
+        markdown(["model", *SPEED, "1 stage / genai", "3 stages / unsplit", "bundle MB", "x fp32"], speed),
+        "Resident memory per stage: the launcher's peak RSS against the plan's memory",
+        markdown(["model", "stage", "peak RSS MB", "planned MB", "measured / planned"], memory)])
+
+
+def picture(med: dict[str, dict[str, float]], new_tokens: int) -> str:
+    """ms/token per model: the unsplit loop, genai's generator, llc on 1 and 3 stages (0: not measured)."""
+    series = [("unsplit onnxruntime", "#888"), ("onnxruntime-genai", "#e08020"), ("llc 1 stage", "#3070c0"),
+              ("llc 3 stages", "#40a040")]
+    keys = ["unsplit", "genai", "llc 1 stage", "llc 3 stages"]
+    return grouped_bars(f"ms/token, {new_tokens} tokens, 1 thread", [n.replace(" (", "\n(") for n in med],
+                               [(label, colour, [m.get(k, 0.0) for m in med.values()])
+                                for (label, colour), k in zip(series, keys)], width=720, digits=1)
 
 
 if __name__ == "__main__":
