@@ -176,10 +176,9 @@ def tables(med: dict[str, dict[str, float]], new_tokens: int, reps: int) -> str:
               f"{m['llc 1 stage'] / m['genai']:.2f}x" if "genai" in m else "-",
               f"{m['llc 3 stages'] / m['unsplit']:.2f}x", f"{m['bundle MB']:.0f}", f"{m['bundle MB'] / fp32_mb:.2f}x"]
              for name, m in med.items()]
-    memory = [[name, key.replace(" peak RSS MB", ""), f"{m[key]:.0f}",
-               f"{m[key.replace('peak RSS MB', 'planned MB')]:.0f}",
-               f"{m[key] / m[key.replace('peak RSS MB', 'planned MB')]:.2f}x"]
-              for name, m in med.items() for key in sorted(k for k in m if k.endswith("peak RSS MB"))]
+    memory = [[name, key.replace(" peak RSS MB", ""), f"{m[key]:.0f}", f"{planned:.0f}", f"{m[key] / planned:.2f}x"]
+              for name, m in med.items() for key in sorted(k for k in m if k.endswith("peak RSS MB"))
+              for planned in [m[key.replace("peak RSS MB", "planned MB")]]]
     return "\n\n".join([
         f"SmolLM2-135M decode ms/token, 1 onnxruntime thread, {new_tokens} tokens, median of {reps}",
         markdown(["model", *SPEED, "1 stage / genai", "3 stages / unsplit", "bundle MB", "x fp32"], speed),
@@ -189,12 +188,11 @@ def tables(med: dict[str, dict[str, float]], new_tokens: int, reps: int) -> str:
 
 def picture(med: dict[str, dict[str, float]], new_tokens: int) -> str:
     """ms/token per model: the unsplit loop, genai's generator, llc on 1 and 3 stages (0: not measured)."""
-    series = [("unsplit onnxruntime", "#888"), ("onnxruntime-genai", "#e08020"), ("llc 1 stage", "#3070c0"),
-              ("llc 3 stages", "#40a040")]
-    keys = ["unsplit", "genai", "llc 1 stage", "llc 3 stages"]
+    series = [("unsplit onnxruntime", "#888", "unsplit"), ("onnxruntime-genai", "#e08020", "genai"),
+              ("llc 1 stage", "#3070c0", "llc 1 stage"), ("llc 3 stages", "#40a040", "llc 3 stages")]
     return grouped_bars(f"ms/token, {new_tokens} tokens, 1 thread", [n.replace(" (", "\n(") for n in med],
-                               [(label, colour, [m.get(k, 0.0) for m in med.values()])
-                                for (label, colour), k in zip(series, keys)], width=720, digits=1)
+                        [(label, colour, [m.get(key, 0.0) for m in med.values()]) for label, colour, key in series],
+                        width=720, digits=1)
 
 
 if __name__ == "__main__":
